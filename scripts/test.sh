@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test tier of guestd on a fresh machine. Installs what it needs, idempotently;
+# heavy artefacts are cached under ${GUESTD_TEST_CACHE:-~/.cache/guestd-test}.
+#
+#   1. format + lints            cargo fmt --check, cargo clippy -D warnings
+#   2. unit + in-process tests   cargo test (real server on 127.0.0.1:0, gRPC and Connect)
+#   3. SDK tier                  the pinned E2B Python SDK drives a freshly started guestd
+#   4. static build              x86_64-unknown-linux-musl, stripped, checked static
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+rustup component add clippy rustfmt >/dev/null 2>&1 || true
+rustup target add x86_64-unknown-linux-musl >/dev/null
+
+step "format and lints"
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+
+step "Python venv for the SDK tiers"
+GUESTD_TEST_PYTHON=$(scripts/sdk-venv.sh)
+export GUESTD_TEST_PYTHON
+
+step "unit and in-process integration tests"
+cargo test --locked
+
+step "SDK tier (e2b Python SDK against a fresh guestd)"
+scripts/test-sdk.sh
+
+step "static musl build"
+scripts/build-static.sh

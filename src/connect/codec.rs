@@ -1,0 +1,351 @@
+//! Message codecs: Connect's `json` and `proto` on the client side, always binary protobuf on
+//! the gRPC side.
+//!
+//! JSON goes through prost-reflect with the proto3 canonical mapping (what connect-go's
+//! `protojson` produces): lowerCamel names, 64-bit integers as strings, bytes as padded standard
+//! base64, enums by name, default values omitted; unknown fields are ignored when reading.
+//!
+//! One fast path exists because process output dominates traffic: a response that is a chain
+//! of single-field messages ending in a non-empty `bytes` field (`StartResponse.event.data.stdout`)
+//! is written by hand — one base64 pass straight into the output buffer instead of a
+//! `DynamicMessage` decode plus serde. Which shapes qualify is derived from the descriptors,
+//! and the unit tests pin its output to prost-reflect's byte for byte.
+
+use bytes::{BufMut, BytesMut};
+use prost::Message as _;
+use prost_reflect::{DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
+
+use super::base64_fast;
+use super::error::ConnectProtocolError;
+
+/// The message codec the client chose via its content type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Json,
+    Proto,
+}
+
+/// The descriptors of one RPC method plus what the codecs precompute for them.
+#[derive(Debug)]
+pub struct MethodCodec {
+    input: MessageDescriptor,
+    output: MessageDescriptor,
+    fast: Option<FastNode>,
+}
+
+impl MethodCodec {
+    pub fn new(input: MessageDescriptor, output: MessageDescriptor) -> Self {
+        let fast = FastNode::build(&output, 0);
+        Self { input, output, fast }
+    }
+
+    /// Append the protobuf encoding of a client request message to `out`.
+    ///
+    /// `unary` distinguishes an empty unary JSON body (an error, as in connect-go) from an
+    /// empty stream envelope (the default message).
+    pub fn request_to_proto(
+        &self,
+        codec: Codec,
+        payload: &[u8],
+        unary: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), ConnectProtocolError> {
+        match codec {
+            Codec::Proto => {
+                // tonic would report undecodable input as `internal`; Connect says
+                // `invalid_argument`, so check here. The decode borrows `bytes` fields.
+                DynamicMessage::decode(self.input.clone(), payload).map_err(|source| {
+                    ConnectProtocolError::InvalidProto { message: self.input.full_name().to_owned(), source }
+                })?;
+                out.put_slice(payload);
+            }
+            Codec::Json => {
+                if payload.is_empty() {
+                    if unary {
+                        return Err(ConnectProtocolError::EmptyJson);
+                    }
+                    return Ok(());
+                }
+                let invalid =
+                    |source| ConnectProtocolError::InvalidJson { message: self.input.full_name().to_owned(), source };
+                let mut de = serde_json::Deserializer::from_slice(payload);
+                let msg = DynamicMessage::deserialize_with_options(
+                    self.input.clone(),
+                    &mut de,
+                    &DeserializeOptions::new().deny_unknown_fields(false),
+                )
+                .map_err(invalid)?;
+                de.end().map_err(invalid)?;
+                out.reserve(msg.encoded_len());
+                msg.encode_raw(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Append a gRPC response message (protobuf) to `out` in the client's codec.
+    pub fn response_from_proto(
+        &self,
+        codec: Codec,
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), ConnectProtocolError> {
+        match codec {
+            Codec::Proto => out.put_slice(payload),
+            Codec::Json => {
+                if let Some(fast) = &self.fast
+                    && fast.write_json(payload, out)
+                {
+                    return Ok(());
+                }
+                let marshal = |source: Box<dyn std::error::Error + Send + Sync>| ConnectProtocolError::Marshal {
+                    message: self.output.full_name().to_owned(),
+                    source,
+                };
+                let msg = DynamicMessage::decode(self.output.clone(), payload).map_err(|e| marshal(e.into()))?;
+                let mut ser = serde_json::Serializer::new(out.writer());
+                msg.serialize_with_options(&mut ser, &json_options()).map_err(|e| marshal(e.into()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// protojson's defaults, spelled out (they are also prost-reflect's defaults).
+fn json_options() -> SerializeOptions {
+    SerializeOptions::new()
+        .stringify_64_bit_integers(true)
+        .use_enum_numbers(false)
+        .use_proto_field_name(false)
+        .skip_default_fields(true)
+}
+
+/// Nesting depth the fast path follows (`StartResponse.event.data.stdout` needs 3).
+const FAST_MAX_DEPTH: usize = 4;
+
+/// The part of a message type the fast path can write: singular fields that lead, through
+/// singular message fields, to a `bytes` field.
+#[derive(Debug)]
+struct FastNode {
+    fields: Vec<FastField>,
+}
+
+#[derive(Debug)]
+struct FastField {
+    number: u32,
+    /// The JSON field name, already quoted and escaped.
+    json_key: String,
+    leaf: Option<FastNode>,
+}
+
+impl FastNode {
+    fn build(desc: &MessageDescriptor, depth: usize) -> Option<FastNode> {
+        // Well-known types have special JSON forms; never shortcut them.
+        if depth >= FAST_MAX_DEPTH || desc.full_name().starts_with("google.protobuf.") {
+            return None;
+        }
+        let fields: Vec<FastField> = desc
+            .fields()
+            .filter(|f| !f.is_list() && !f.is_map())
+            .filter_map(|f| {
+                let leaf = match f.kind() {
+                    Kind::Bytes => None,
+                    Kind::Message(m) => Some(FastNode::build(&m, depth + 1)?),
+                    _ => return None,
+                };
+                Some(FastField { number: f.number(), json_key: serde_json::to_string(f.json_name()).ok()?, leaf })
+            })
+            .collect();
+        (!fields.is_empty()).then_some(FastNode { fields })
+    }
+
+    /// Write the JSON of `payload` if it has exactly the supported shape: at every level exactly
+    /// one length-delimited field, ending in non-empty bytes. Returns false (writing nothing)
+    /// otherwise, and the caller takes the general path.
+    fn write_json(&self, payload: &[u8], out: &mut BytesMut) -> bool {
+        let mut keys: [&str; FAST_MAX_DEPTH] = [""; FAST_MAX_DEPTH];
+        let mut depth = 0;
+        let mut node = self;
+        let mut rest = payload;
+        let data = loop {
+            let Some((key, n)) = varint(rest) else { return false };
+            rest = &rest[n..];
+            if key & 7 != 2 {
+                return false;
+            }
+            let number = key >> 3;
+            let Some(field) = node.fields.iter().find(|f| u64::from(f.number) == number) else {
+                return false;
+            };
+            let Some((len, n)) = varint(rest) else { return false };
+            rest = &rest[n..];
+            if len != rest.len() as u64 {
+                return false; // more fields follow, or truncated
+            }
+            keys[depth] = &field.json_key;
+            depth += 1;
+            match &field.leaf {
+                None if !rest.is_empty() => break rest,
+                None => return false,
+                Some(next) => node = next,
+            }
+        };
+        let b64_len = base64_fast::encoded_len(data.len());
+        let keys = &keys[..depth];
+        let framing: usize = keys.iter().map(|k| k.len() + 2).sum::<usize>() + 2 + depth;
+        out.reserve(framing.saturating_add(b64_len));
+        for key in keys {
+            out.put_u8(b'{');
+            out.put_slice(key.as_bytes());
+            out.put_u8(b':');
+        }
+        out.put_u8(b'"');
+        let start = out.len();
+        out.resize(start + b64_len, 0);
+        base64_fast::encode(data, &mut out[start..]);
+        out.put_u8(b'"');
+        for _ in keys {
+            out.put_u8(b'}');
+        }
+        true
+    }
+}
+
+/// A protobuf varint at the start of `b`: its value and length. None if truncated or longer
+/// than 10 bytes.
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &byte) in b.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use prost_reflect::DescriptorPool;
+
+    use super::*;
+    use crate::proto::process::{
+        ProcessEvent, StartResponse,
+        process_event::{DataEvent, EndEvent, Event, StartEvent, data_event::Output},
+    };
+
+    fn codec_for(method: &str) -> MethodCodec {
+        let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let (service, method) = method.rsplit_once('.').unwrap();
+        let m = pool.get_service_by_name(service).unwrap().methods().find(|m| m.name() == method).unwrap();
+        MethodCodec::new(m.input(), m.output())
+    }
+
+    fn reference_json(codec: &MethodCodec, payload: &[u8]) -> String {
+        let msg = DynamicMessage::decode(codec.output.clone(), payload).unwrap();
+        let mut ser = serde_json::Serializer::new(Vec::new());
+        msg.serialize_with_options(&mut ser, &SerializeOptions::default()).unwrap();
+        String::from_utf8(ser.into_inner()).unwrap()
+    }
+
+    fn our_json(codec: &MethodCodec, payload: &[u8]) -> String {
+        let mut out = BytesMut::new();
+        codec.response_from_proto(Codec::Json, payload, &mut out).unwrap();
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    fn data(output: Output) -> Vec<u8> {
+        StartResponse { event: Some(ProcessEvent { event: Some(Event::Data(DataEvent { output: Some(output) })) }) }
+            .encode_to_vec()
+    }
+
+    #[test]
+    fn fast_path_equals_prost_reflect_for_every_length_and_stream() {
+        let codec = codec_for("process.Process.Start");
+        assert!(codec.fast.is_some());
+        for len in (0..70).chain([1000, 65_536, 1 << 20]) {
+            let bytes = Bytes::from((0..len).map(|i| (i * 37 + 11) as u8).collect::<Vec<_>>());
+            for output in [Output::Stdout(bytes.clone()), Output::Stderr(bytes.clone()), Output::Pty(bytes.clone())] {
+                let payload = data(output);
+                let mut out = BytesMut::new();
+                let took_fast = codec.fast.as_ref().unwrap().write_json(&payload, &mut out);
+                assert_eq!(took_fast, len > 0, "len {len}");
+                assert_eq!(our_json(&codec, &payload), reference_json(&codec, &payload), "len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_shapes_fall_back_to_prost_reflect() {
+        let codec = codec_for("process.Process.Connect");
+        let start = StartResponse { event: Some(ProcessEvent { event: Some(Event::Start(StartEvent { pid: 42 })) }) }
+            .encode_to_vec();
+        assert_eq!(our_json(&codec, &start), r#"{"event":{"start":{"pid":42}}}"#);
+        let end = StartResponse {
+            event: Some(ProcessEvent {
+                event: Some(Event::End(EndEvent {
+                    exit_code: -1,
+                    exited: true,
+                    status: "exit status 255".into(),
+                    error: None,
+                })),
+            }),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            our_json(&codec, &end),
+            r#"{"event":{"end":{"exitCode":-1,"exited":true,"status":"exit status 255"}}}"#
+        );
+        // Two fields at one level (a duplicated oneof member): prost-reflect keeps the last.
+        let mut twice = data(Output::Stdout(Bytes::from_static(b"a")));
+        twice.extend_from_slice(&data(Output::Stderr(Bytes::from_static(b"b"))));
+        assert_eq!(our_json(&codec, &twice), reference_json(&codec, &twice));
+        // Unknown field numbers.
+        let unknown = [0x0a, 0x04, 0x7a, 0x02, 0x0a, 0x00];
+        assert_eq!(our_json(&codec, &unknown), reference_json(&codec, &unknown));
+        assert_eq!(our_json(&codec, &[]), "{}");
+    }
+
+    #[test]
+    fn json_requests_follow_proto3_json_rules() {
+        let codec = codec_for("process.Process.SendSignal");
+        let mut out = BytesMut::new();
+        codec
+            .request_to_proto(
+                Codec::Json,
+                br#"{"process":{"pid":7},"signal":"SIGNAL_SIGKILL","unknownField":[1,{"a":2}]}"#,
+                true,
+                &mut out,
+            )
+            .unwrap();
+        let req = crate::proto::process::SendSignalRequest::decode(&out[..]).unwrap();
+        assert_eq!(req.signal, 9);
+        let err = codec.request_to_proto(Codec::Json, b"", true, &mut out).unwrap_err();
+        assert_eq!(err.to_string(), "zero-length payload is not a valid JSON object");
+        assert!(codec.request_to_proto(Codec::Json, b"", false, &mut out).is_ok());
+        let err = codec.request_to_proto(Codec::Json, b"{\"process\":", true, &mut out);
+        assert!(matches!(err, Err(ConnectProtocolError::InvalidJson { .. })));
+        let err = codec.request_to_proto(Codec::Json, b"{} x", true, &mut out);
+        assert!(matches!(err, Err(ConnectProtocolError::InvalidJson { .. })));
+        let err = codec.request_to_proto(Codec::Proto, &[0x0a, 0x05, 0x08], true, &mut out);
+        assert!(matches!(err, Err(ConnectProtocolError::InvalidProto { .. })));
+    }
+
+    #[test]
+    fn bytes_accept_standard_urlsafe_padded_and_unpadded_base64() {
+        let codec = codec_for("process.Process.SendInput");
+        for b64 in ["-_8=", "+/8=", "+/8", "-_8"] {
+            let mut out = BytesMut::new();
+            let json = format!(r#"{{"process":{{"pid":1}},"input":{{"stdin":"{b64}"}}}}"#);
+            codec.request_to_proto(Codec::Json, json.as_bytes(), true, &mut out).unwrap();
+            let req = crate::proto::process::SendInputRequest::decode(&out[..]).unwrap();
+            let input = req.input.unwrap().input.unwrap();
+            assert_eq!(
+                input,
+                crate::proto::process::process_input::Input::Stdin(Bytes::from_static(&[0xfb, 0xff])),
+                "{b64}"
+            );
+        }
+    }
+}

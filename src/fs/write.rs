@@ -1,0 +1,356 @@
+//! [`AtomicWrite`]: replace a file's content so that readers see the old bytes or the new ones,
+//! never a mix, and a failed upload leaves nothing behind.
+//!
+//! The new content goes into `.<name>.guestd-upload-<random>`, created `O_EXCL` in the target's
+//! own directory (so the final `rename(2)` stays on one filesystem and is atomic), owned by the
+//! request user, with the target's mode if it exists, carrying the upload's metadata xattrs.
+//! [`AtomicWrite::commit`] flushes, fsyncs, renames over the target and fsyncs the directory.
+//! Every other ending — an error, a dropped future (client gone), a panic — goes through `Drop`,
+//! which unlinks the temporary file. Only a crash of guestd itself between create and commit
+//! can leave a temporary file; its name says who left it.
+//!
+//! Deliberate differences from envd's in-place `O_TRUNC` write: a symlink target is followed
+//! (the link's destination is replaced, the link stays); a fifo, socket or device target is
+//! refused instead of written into; xattrs other than `user.e2b.*` on a replaced file are not
+//! carried over (the mode and the owner-by-request-user are).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use tokio::io::AsyncWriteExt;
+
+use super::metadata::{self, Metadata};
+use super::{FsError, Owner, ensure_dirs};
+
+/// Tries at a fresh random temp name before giving up; a collision needs 64 random bits to
+/// repeat, so more than one retry means something else is wrong.
+const TEMP_NAME_ATTEMPTS: usize = 4;
+
+/// Longest slice of the target's name kept in the temp name, so `.` + name + suffix stays
+/// within NAME_MAX (255).
+const TEMP_NAME_KEEP: usize = 200;
+
+/// Symlink hops followed to find the real target (the kernel's own limit is 40).
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// A file being written: content streams into a temporary sibling of the target until
+/// [`commit`](AtomicWrite::commit) renames it into place. Dropping it uncommitted removes the
+/// temporary file and leaves the target untouched.
+#[derive(Debug)]
+pub struct AtomicWrite {
+    /// Where the content lands: the requested path with final symlinks followed.
+    target: PathBuf,
+    temp: PathBuf,
+    file: tokio::fs::File,
+    written: u64,
+    committed: bool,
+}
+
+impl AtomicWrite {
+    /// Prepares to replace `path` (async: the setup syscalls run on the blocking pool).
+    ///
+    /// Creates `path`'s missing parents for `owner` ([`ensure_dirs`]); refuses a directory
+    /// ([`FsError::IsADirectory`]) or special file ([`FsError::NotRegularFile`]); creates the
+    /// temporary file (mode 0666 before umask, or the existing target's mode), chowns it to
+    /// `owner` and writes `metadata` onto it. ENOSPC here means no inode could be had.
+    pub async fn create(path: &Path, owner: Owner, metadata: Metadata) -> Result<AtomicWrite, FsError> {
+        let path = path.to_path_buf();
+        let (target, temp, file) = tokio::task::spawn_blocking(move || prepare(&path, owner, &metadata))
+            .await
+            .map_err(|join| FsError::Io { op: "prepare", path: PathBuf::new(), source: io::Error::other(join) })??;
+        Ok(AtomicWrite { target, temp, file: tokio::fs::File::from_std(file), written: 0, committed: false })
+    }
+
+    /// The path the content will replace (symlinks followed).
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Bytes accepted so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `data`. Errors may surface one call late (the file writes in the background);
+    /// [`commit`](AtomicWrite::commit) reports any that remain.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), FsError> {
+        self.file.write_all(data).await.map_err(|e| FsError::from_io("write", &self.target, e))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the new content durable and visible: flush, fsync, rename over the target, fsync
+    /// the directory. On error the target keeps its old content and the temp file is removed.
+    pub async fn commit(mut self) -> Result<(), FsError> {
+        self.file.flush().await.map_err(|e| FsError::from_io("write", &self.target, e))?;
+        self.file.sync_all().await.map_err(|e| FsError::from_io("sync", &self.target, e))?;
+        let (temp, target) = (self.temp.clone(), self.target.clone());
+        tokio::task::spawn_blocking(move || {
+            fs::rename(&temp, &target).map_err(|e| FsError::from_io("rename into place", &target, e))?;
+            sync_parent(&target);
+            Ok::<_, FsError>(())
+        })
+        .await
+        .map_err(|join| FsError::Io {
+            op: "rename into place",
+            path: self.target.clone(),
+            source: io::Error::other(join),
+        })??;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicWrite {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // One unlink on a local directory: cheap enough to do inline even on a runtime thread,
+        // and doing it here (not in a spawned task) means it also happens on shutdown.
+        match fs::remove_file(&self.temp) {
+            Ok(()) => tracing::debug!(temp = %self.temp.display(), "removed unfinished upload"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(temp = %self.temp.display(), error = %e, "cannot remove unfinished upload"),
+        }
+    }
+}
+
+fn prepare(path: &Path, owner: Owner, metadata: &Metadata) -> Result<(PathBuf, PathBuf, File), FsError> {
+    if let Some(parent) = path.parent() {
+        ensure_dirs(parent, owner)?;
+    }
+    let target = follow_symlinks(path)?;
+    let existing = match fs::metadata(&target) {
+        Ok(meta) if meta.is_dir() => return Err(FsError::IsADirectory { path: path.to_path_buf() }),
+        Ok(meta) if !meta.is_file() => return Err(FsError::NotRegularFile { path: path.to_path_buf() }),
+        Ok(meta) => Some(meta),
+        Err(e) if e.raw_os_error() == Some(Errno::ENOENT as i32) => None,
+        Err(e) => return Err(FsError::from_io("stat", &target, e)),
+    };
+    let (temp, file) = create_temp(&target)?;
+    // From here on, `guard` removes the temp file if any step fails.
+    let guard = TempGuard(Some(temp));
+    let temp_path = guard.path();
+    std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
+        .map_err(|e| FsError::from_io("change the owner of", temp_path, e))?;
+    if let Some(meta) = existing {
+        // After fchown, which clears setuid/setgid: the old mode comes back whole.
+        file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| FsError::from_io("set the mode of", temp_path, e))?;
+    }
+    if !metadata.is_empty() {
+        match metadata::write_to(&file, metadata) {
+            Ok(()) => {}
+            // envd only warns when the filesystem has no xattrs (procfs, sysfs, some FUSE).
+            Err(e) if metadata::unsupported(&e) => {
+                tracing::warn!(path = %path.display(), error = %e, "filesystem does not store metadata; ignoring it");
+            }
+            Err(e) => return Err(FsError::from_io("write metadata of", path, e)),
+        }
+    }
+    Ok((target, guard.keep(), file))
+}
+
+/// Follows symlinks in the final component (only), like `open(O_CREAT)` would: a dangling
+/// link yields the path it points to, so the upload creates the link's destination.
+fn follow_symlinks(path: &Path) -> Result<PathBuf, FsError> {
+    let mut current = path.to_path_buf();
+    for _ in 0..MAX_SYMLINK_HOPS {
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = fs::read_link(&current).map_err(|e| FsError::from_io("read link", &current, e))?;
+                current = match current.parent() {
+                    Some(parent) => parent.join(link),
+                    None => link,
+                };
+            }
+            Ok(_) => return Ok(current),
+            Err(e) if e.raw_os_error() == Some(Errno::ENOENT as i32) => return Ok(current),
+            Err(e) => return Err(FsError::from_io("stat", &current, e)),
+        }
+    }
+    Err(FsError::CyclicSymlink { path: path.to_path_buf() })
+}
+
+fn create_temp(target: &Path) -> Result<(PathBuf, File), FsError> {
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let name = target.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
+    let kept = String::from_utf8_lossy(&name[..name.len().min(TEMP_NAME_KEEP)]).into_owned();
+    let mut last = None;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let temp = dir.join(format!(".{kept}.guestd-upload-{:016x}", fastrand::u64(..)));
+        match OpenOptions::new().write(true).create_new(true).mode(0o666).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(FsError::from_io("create a temporary file for", target, e)),
+        }
+    }
+    Err(FsError::from_io("create a temporary file for", target, last.unwrap_or_else(|| io::Error::other("no attempt"))))
+}
+
+/// fsync of the directory, so the rename survives a crash. Best effort: some filesystems
+/// refuse fsync on directories, and the data itself is already durable.
+fn sync_parent(target: &Path) {
+    let Some(dir) = target.parent() else { return };
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "directory fsync failed");
+    }
+}
+
+/// Removes a temporary file unless [`TempGuard::keep`] hands it over.
+struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    fn keep(mut self) -> PathBuf {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn me() -> Owner {
+        Owner { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw() }
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".guestd-upload-"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn commit_replaces_content_and_keeps_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sh");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o751)).unwrap();
+        let mut w = AtomicWrite::create(&path, me(), Metadata::default()).await.unwrap();
+        w.write(b"new ").await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"old", "the target is untouched until commit");
+        w.write(b"content").await.unwrap();
+        assert_eq!(w.written(), 11);
+        w.commit().await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new content");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o751);
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_uncommitted_leaves_old_content_and_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"old").unwrap();
+        let mut w = AtomicWrite::create(&path, me(), Metadata::default()).await.unwrap();
+        w.write(&[7u8; 100_000]).await.unwrap();
+        assert_eq!(leftovers(dir.path()).len(), 1, "the temp file lives beside the target");
+        drop(w);
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn creates_parents_and_new_files_with_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/new.txt");
+        let metadata = Metadata::new([("k", "v")]).unwrap();
+        let mut w = AtomicWrite::create(&path, me(), metadata).await.unwrap();
+        w.write(b"x").await.unwrap();
+        w.commit().await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"x");
+        let read = metadata::read(&path);
+        if !read.is_empty() {
+            assert_eq!(read, BTreeMap::from([("k".to_owned(), "v".to_owned())]));
+        }
+        let new_mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        nix::sys::stat::umask(umask);
+        assert_eq!(new_mode, 0o666 & !umask.bits());
+    }
+
+    #[tokio::test]
+    async fn overwrite_drops_old_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let first = AtomicWrite::create(&path, me(), Metadata::new([("old", "1")]).unwrap()).await.unwrap();
+        first.commit().await.unwrap();
+        let second = AtomicWrite::create(&path, me(), Metadata::new([("new", "2")]).unwrap()).await.unwrap();
+        second.commit().await.unwrap();
+        let read = metadata::read(&path);
+        if !read.is_empty() {
+            assert_eq!(read, BTreeMap::from([("new".to_owned(), "2".to_owned())]));
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_directories_and_fifos() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = AtomicWrite::create(dir.path(), me(), Metadata::default()).await.unwrap_err();
+        assert!(matches!(err, FsError::IsADirectory { .. }), "{err:?}");
+        let fifo = dir.path().join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let err = AtomicWrite::create(&fifo, me(), Metadata::default()).await.unwrap_err();
+        assert!(matches!(err, FsError::NotRegularFile { .. }), "{err:?}");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.txt");
+        fs::write(&real, b"old").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("real.txt", &link).unwrap();
+        let mut w = AtomicWrite::create(&link, me(), Metadata::default()).await.unwrap();
+        assert_eq!(w.target(), real);
+        w.write(b"new").await.unwrap();
+        w.commit().await.unwrap();
+        assert_eq!(fs::read(&real).unwrap(), b"new");
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink("created-by-upload", &dangling).unwrap();
+        let w = AtomicWrite::create(&dangling, me(), Metadata::default()).await.unwrap();
+        w.commit().await.unwrap();
+        assert!(dir.path().join("created-by-upload").is_file());
+    }
+
+    #[tokio::test]
+    async fn long_names_still_get_a_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n".repeat(255));
+        let w = AtomicWrite::create(&path, me(), Metadata::default()).await.unwrap();
+        w.commit().await.unwrap();
+        assert!(path.is_file());
+    }
+
+    #[tokio::test]
+    async fn parent_file_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("file"), b"").unwrap();
+        let err = AtomicWrite::create(&dir.path().join("file/x"), me(), Metadata::default()).await.unwrap_err();
+        assert!(matches!(err, FsError::ParentNotDirectory { .. }), "{err:?}");
+    }
+}

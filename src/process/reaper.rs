@@ -1,0 +1,192 @@
+//! The one owner of `wait()` for every child guestd spawns.
+//!
+//! A process-global reaper runs on its own OS thread (not a tokio task: tests and embedders run
+//! many runtimes, and a reaper must outlive all of them). SIGCHLD wakes it through
+//! `signal_hook::iterator::Signals`; it then calls `waitpid(pid, WNOHANG)` for every registered
+//! pid and hands each status to that process's oneshot channel (which works across runtimes).
+//!
+//! Invariant: the table mutex serialises *spawning* and *reaping*. A child is forked, exec'd
+//! and registered while [`spawn`] holds the lock, and every `waitpid` happens under the same
+//! lock, so the reaper can never reap a child before it is registered, and can never steal the
+//! status std's `Command::spawn` collects itself when `exec` fails. For the same reason a
+//! registered pid is never reused while registered, so [`signal_group`] (also under the lock)
+//! cannot hit a stranger's process group.
+//!
+//! In PID-1 mode ([`set_adopt_orphans`]) the reaper calls `waitpid(-1)` instead, so orphaned
+//! grandchildren re-parented to guestd do not pile up as zombies; unknown pids are reaped
+//! silently. Nothing else in guestd may then wait for children: `tokio::process` is banned in
+//! `clippy.toml` for exactly this reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal as NixSignal, killpg};
+use nix::unistd::Pid;
+use signal_hook::consts::SIGCHLD;
+use signal_hook::iterator::Signals;
+use tokio::sync::oneshot;
+
+use crate::sys::wait::{self, WaitStatus};
+
+/// How a registered child ended, as far as the reaper knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ended(WaitStatus),
+    /// `waitpid` said ECHILD for a registered pid: something outside the reaper collected it.
+    /// Only possible if code elsewhere breaks the "one owner of wait()" rule.
+    Lost,
+}
+
+/// Resolves once the child has been reaped.
+pub type ExitReceiver = oneshot::Receiver<Outcome>;
+
+/// How often the reaper scans when SIGCHLD delivery could not be set up (it always can on
+/// Linux; this only keeps guestd working, slowly, if signal registration ever fails).
+const FALLBACK_POLL: Duration = Duration::from_millis(50);
+
+static TABLE: OnceLock<Mutex<HashMap<i32, oneshot::Sender<Outcome>>>> = OnceLock::new();
+static ADOPT_ORPHANS: AtomicBool = AtomicBool::new(false);
+static START: Once = Once::new();
+
+fn table() -> MutexGuard<'static, HashMap<i32, oneshot::Sender<Outcome>>> {
+    TABLE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts the reaper thread once per process. The SIGCHLD handler is installed before this
+/// returns, so no child spawned afterwards can exit unnoticed.
+fn ensure_started() {
+    START.call_once(|| {
+        let signals = match Signals::new([SIGCHLD]) {
+            Ok(signals) => Some(signals),
+            Err(error) => {
+                tracing::error!(%error, "cannot watch SIGCHLD; reaper falls back to polling");
+                None
+            }
+        };
+        let spawned = std::thread::Builder::new().name("guestd-reaper".into()).spawn(move || run(signals));
+        if let Err(error) = spawned {
+            // Without a reaper no End event would ever be produced: nothing sensible remains.
+            panic!("cannot start the child reaper thread: {error}");
+        }
+    });
+}
+
+fn run(signals: Option<Signals>) {
+    match signals {
+        Some(mut signals) => loop {
+            reap();
+            // Blocks until at least one SIGCHLD arrived since the last call; several exits may
+            // coalesce into one wake-up, which is why `reap` scans everything.
+            let _ = signals.wait().count();
+        },
+        None => loop {
+            reap();
+            std::thread::sleep(FALLBACK_POLL);
+        },
+    }
+}
+
+/// PID-1 mode: reap every child, including orphans re-parented to guestd.
+pub fn set_adopt_orphans(adopt: bool) {
+    ADOPT_ORPHANS.store(adopt, Ordering::SeqCst);
+    ensure_started();
+}
+
+/// Spawns `cmd` and registers the child, atomically with respect to the reaper.
+///
+/// The returned `Child` is only a bag of fds: the caller must never wait on it (dropping it
+/// neither kills nor waits).
+pub fn spawn(cmd: &mut Command) -> io::Result<(Child, ExitReceiver)> {
+    ensure_started();
+    let mut table = table();
+    let child = cmd.spawn()?;
+    let (tx, rx) = oneshot::channel();
+    let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+    table.insert(pid, tx);
+    drop(table);
+    // A SIGCHLD that arrived while we held the lock woke the reaper, which then waited for the
+    // lock and scans after us; nothing to do here.
+    Ok((child, rx))
+}
+
+/// Sends `signal` to the process group `pgid` (`kill(-pgid)`).
+///
+/// Holding the table lock guarantees that, if the group leader is still registered, it is
+/// unreaped, so `pgid` still names our group and not a recycled pid.
+pub fn signal_group(pgid: u32, signal: NixSignal) -> io::Result<()> {
+    let pgid = i32::try_from(pgid).map_err(io::Error::other)?;
+    let _table = table();
+    killpg(Pid::from_raw(pgid), signal)?;
+    Ok(())
+}
+
+/// One scan: collect every ended child and notify its owner.
+fn reap() {
+    let mut table = table();
+    if ADOPT_ORPHANS.load(Ordering::SeqCst) {
+        loop {
+            match wait::try_wait_any() {
+                Ok(Some((pid, status))) => match table.remove(&pid) {
+                    Some(tx) => {
+                        let _ = tx.send(Outcome::Ended(status));
+                    }
+                    None => tracing::debug!(pid, ?status, "reaped an adopted orphan"),
+                },
+                Ok(None) => break,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "waitpid(-1) failed");
+                    break;
+                }
+            }
+        }
+        return;
+    }
+    let mut ended = Vec::new();
+    for &pid in table.keys() {
+        match wait::try_wait(pid) {
+            Ok(None) => {}
+            Ok(Some(status)) => ended.push((pid, Outcome::Ended(status))),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => {
+                tracing::error!(pid, "registered child was reaped by someone else");
+                ended.push((pid, Outcome::Lost));
+            }
+            Err(error) => tracing::warn!(pid, %error, "waitpid failed"),
+        }
+    }
+    for (pid, outcome) in ended {
+        if let Some(tx) = table.remove(&pid) {
+            // The receiver is gone only if its runtime shut down; the child is reaped anyway.
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exit_status_reaches_the_spawner() {
+        let (child, exit) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
+        drop(child);
+        assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Exited(7)));
+    }
+
+    #[tokio::test]
+    async fn failed_exec_is_a_spawn_error() {
+        // std collects the failed child itself (under our lock): nothing is left to reap.
+        let err = spawn(&mut Command::new("/nonexistent/guestd-test")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn signal_death_is_reported_with_its_number() {
+        let (_child, exit) = spawn(Command::new("/bin/sh").args(["-c", "kill -KILL $$"])).unwrap();
+        assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Signaled { signal: 9, core_dumped: false }));
+    }
+}

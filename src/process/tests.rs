@@ -1,0 +1,595 @@
+//! Behaviour tests of the process manager against real processes (they run as root: users are
+//! switched, groups created).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn manager() -> ProcessManager {
+    ProcessManager::new(ManagerConfig { path_env: DEFAULT_PATH_ENV.into(), retention: Duration::from_secs(30) })
+}
+
+fn root() -> User {
+    crate::users::lookup("root").expect("root exists")
+}
+
+fn spec(cmd: &str, args: &[&str]) -> StartSpec {
+    StartSpec {
+        command: CommandSpec {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            envs: vec![],
+            cwd: None,
+        },
+        user: root(),
+        default_workdir: None,
+        sandbox_env: vec![],
+        pty: None,
+        tag: None,
+        stdin: false,
+        timeout: None,
+    }
+}
+
+fn sh(script: &str) -> StartSpec {
+    spec("sh", &["-c", script])
+}
+
+#[derive(Debug, Default)]
+struct Collected {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    pty: Vec<u8>,
+    end: Option<ExitStatus>,
+}
+
+impl Collected {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn end(&self) -> &ExitStatus {
+        self.end.as_ref().expect("End received")
+    }
+}
+
+/// Reads a subscription to its end (bounded by DEADLINE).
+async fn collect(events: &mut Subscription) -> Collected {
+    let mut out = Collected::default();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = events.next().await {
+            match event.expect("not evicted") {
+                Event::Stdout(b) => out.stdout.extend_from_slice(&b),
+                Event::Stderr(b) => out.stderr.extend_from_slice(&b),
+                Event::Pty(b) => out.pty.extend_from_slice(&b),
+                Event::End(status) => out.end = Some(status),
+            }
+        }
+    })
+    .await
+    .expect("process ended in time");
+    out
+}
+
+/// Reads output (any stream) until `needle` has appeared; returns everything read so far.
+async fn read_until(events: &mut Subscription, needle: &str) -> String {
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            match events.next().await {
+                Some(Ok(Event::Stdout(b) | Event::Stderr(b) | Event::Pty(b))) => seen.extend_from_slice(&b),
+                other => panic!(
+                    "stream ended before {needle:?} (got {other:?}); output so far: {:?}",
+                    String::from_utf8_lossy(&seen)
+                ),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {needle:?}"));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// True when `pid` is gone or a zombie (dead, waiting for a reaper that is not us).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+async fn wait_dead(pid: u32) -> bool {
+    for _ in 0..100 {
+        if dead(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn exit_codes_and_status_text() {
+    let pm = manager();
+    let mut ok = pm.start(spec("true", &[])).await.unwrap();
+    let ok_end = collect(&mut ok.events).await;
+    assert_eq!(ok_end.end(), &ExitStatus { exit_code: 0, exited: true, status: "exit status 0".into(), error: None });
+    let mut failed = pm.start(sh("exit 3")).await.unwrap();
+    let end = collect(&mut failed.events).await;
+    assert_eq!(end.end().exit_code, 3);
+    assert!(end.end().exited);
+    assert_eq!(end.end().error.as_deref(), Some("exit status 3"));
+}
+
+#[tokio::test]
+async fn signal_deaths_are_reported_like_go() {
+    let pm = manager();
+    for (script, text) in [
+        ("kill -TERM $$", "signal: terminated"),
+        ("kill -HUP $$", "signal: hangup"),
+        ("kill -INT $$", "signal: interrupt"),
+        ("kill -PIPE $$", "signal: broken pipe"),
+    ] {
+        let mut p = pm.start(sh(script)).await.unwrap();
+        let end = collect(&mut p.events).await;
+        assert_eq!(end.end().status, text);
+        assert_eq!(end.end().exit_code, -1);
+        assert!(!end.end().exited);
+    }
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_are_separate() {
+    let pm = manager();
+    let mut p = pm.start(sh("echo out; echo err >&2; echo out2")).await.unwrap();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.stdout(), "out\nout2\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+fn seq_output(n: u32) -> Vec<u8> {
+    let mut expected = Vec::new();
+    for i in 1..=n {
+        expected.extend_from_slice(format!("{i}\n").as_bytes());
+    }
+    expected
+}
+
+#[tokio::test]
+async fn twenty_megabytes_arrive_intact() {
+    let pm = manager();
+    let mut p = pm.start(spec("seq", &["1", "3000000"])).await.unwrap();
+    let out = collect(&mut p.events).await;
+    let expected = seq_output(3_000_000);
+    assert!(expected.len() > 20_000_000);
+    assert_eq!(out.stdout.len(), expected.len());
+    assert!(out.stdout == expected, "content differs");
+    assert_eq!(out.end().exit_code, 0);
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_is_evicted_and_does_not_hold_back_the_other() {
+    let pm = manager();
+    let mut reader = pm.start(spec("seq", &["1", "3000000"])).await.unwrap();
+    let mut stalled = pm.connect(&Selector::Pid(reader.pid)).unwrap();
+    let out = collect(&mut reader.events).await;
+    assert!(out.stdout == seq_output(3_000_000), "reader got everything");
+    assert_eq!(out.end().exit_code, 0);
+    match stalled.events.next().await {
+        Some(Err(SubscriptionError::Evicted { pid, behind_bytes })) => {
+            assert_eq!(pid, reader.pid);
+            assert!(behind_bytes > output::SUBSCRIBER_WINDOW);
+        }
+        other => panic!("expected eviction, got {other:?}"),
+    }
+    assert!(stalled.events.next().await.is_none());
+}
+
+#[tokio::test]
+async fn dropped_subscriber_never_blocks_the_process() {
+    let pm = manager();
+    let p = pm.start(spec("seq", &["1", "3000000"])).await.unwrap();
+    let pid = p.pid;
+    drop(p.events);
+    // Nobody is subscribed: the pumps keep reading, so the child finishes on its own.
+    assert!(wait_for_exit(&pm, pid).await, "seq finished without readers");
+}
+
+async fn wait_for_exit(pm: &ProcessManager, pid: u32) -> bool {
+    for _ in 0..500 {
+        if !pm.list().iter().any(|p| p.pid == pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn stdin_is_echoed_by_cat_and_close_gives_eof() {
+    let pm = manager();
+    let mut s = spec("cat", &[]);
+    s.stdin = true;
+    let mut p = pm.start(s).await.unwrap();
+    let sel = Selector::Pid(p.pid);
+    pm.write_stdin(&sel, Bytes::from_static(b"hello\n")).await.unwrap();
+    assert_eq!(read_until(&mut p.events, "hello\n").await, "hello\n");
+    pm.close_stdin(&sel).unwrap();
+    pm.close_stdin(&sel).unwrap_or_else(|e| {
+        // Idempotent while the process lives; NotFound once it has already exited.
+        assert!(matches!(e, ProcessError::NotFound(_)), "{e}");
+    });
+    let rest = collect(&mut p.events).await;
+    assert_eq!(rest.end().exit_code, 0, "cat saw EOF and exited");
+}
+
+#[tokio::test]
+async fn stdin_errors_name_the_cause() {
+    let pm = manager();
+    let p = pm.start(spec("sleep", &["1000"])).await.unwrap();
+    let sel = Selector::Pid(p.pid);
+    let err = pm.write_stdin(&sel, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(err, ProcessError::StdinClosed { .. }), "{err}");
+    pm.close_stdin(&sel).expect("closing a disabled stdin is fine");
+    let err = pm.write_pty(&sel, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(err, ProcessError::NotPty { .. }), "{err}");
+    let err = pm.resize(&sel, PtySize { cols: 1, rows: 1 }).unwrap_err();
+    assert!(matches!(err, ProcessError::NotPty { .. }), "{err}");
+    pm.signal(&sel, Signal::Kill).unwrap();
+}
+
+#[tokio::test]
+async fn a_full_stdin_pipe_makes_the_write_wait_not_fail() {
+    let pm = manager();
+    let mut s = sh("sleep 0.3; cat >/dev/null; echo done");
+    s.stdin = true;
+    let mut p = pm.start(s).await.unwrap();
+    let sel = Selector::Pid(p.pid);
+    // Far more than a pipe buffer: completes only once cat drains it.
+    pm.write_stdin(&sel, Bytes::from(vec![b'x'; 8 << 20])).await.unwrap();
+    pm.close_stdin(&sel).unwrap();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.stdout(), "done\n");
+}
+
+fn pty_spec(script: &str, cols: u16, rows: u16) -> StartSpec {
+    let mut s = sh(script);
+    s.pty = Some(PtySize { cols, rows });
+    s
+}
+
+#[tokio::test]
+async fn pty_is_a_terminal_of_the_requested_size() {
+    let pm = manager();
+    let mut p = pm.start(pty_spec("tty; stty size", 100, 30)).await.unwrap();
+    let out = collect(&mut p.events).await;
+    let text = String::from_utf8_lossy(&out.pty).into_owned();
+    assert!(text.starts_with("/dev/pts/"), "{text:?}");
+    assert!(text.contains("30 100\r\n"), "ONLCR and rows/cols: {text:?}");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    assert_eq!(out.end().exit_code, 0);
+}
+
+#[tokio::test]
+async fn pty_resize_and_input_are_visible_to_the_child() {
+    let pm = manager();
+    let mut p = pm.start(pty_spec("stty size; read line; stty size", 80, 24)).await.unwrap();
+    let sel = Selector::Pid(p.pid);
+    read_until(&mut p.events, "24 80").await;
+    pm.resize(&sel, PtySize { cols: 120, rows: 50 }).unwrap();
+    pm.write_pty(&sel, Bytes::from_static(b"go\n")).await.unwrap();
+    read_until(&mut p.events, "50 120").await;
+    let err = pm.write_stdin(&sel, Bytes::from_static(b"x")).await.map(|()| "accepted").unwrap_or_else(|e| {
+        if matches!(e, ProcessError::IsPty { .. } | ProcessError::NotFound(_)) { "rejected" } else { panic!("{e}") }
+    });
+    assert_eq!(err, "rejected");
+    assert!(collect(&mut p.events).await.end.is_some());
+}
+
+#[tokio::test]
+async fn pty_process_rejects_stdin_operations() {
+    let pm = manager();
+    let p = pm.start(pty_spec("sleep 1000", 80, 24)).await.unwrap();
+    let sel = Selector::Pid(p.pid);
+    let err = pm.close_stdin(&sel).unwrap_err();
+    assert!(matches!(err, ProcessError::IsPty { .. }), "{err}");
+    assert!(err.to_string().contains("Ctrl+D"));
+    let err = pm.write_stdin(&sel, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(err, ProcessError::IsPty { .. }), "{err}");
+    pm.signal(&sel, Signal::Kill).unwrap();
+}
+
+#[tokio::test]
+async fn signal_kills_the_whole_group() {
+    let pm = manager();
+    let mut p = pm.start(sh("sleep 1000 & echo $!; wait")).await.unwrap();
+    let line = read_until(&mut p.events, "\n").await;
+    let grandchild: u32 = line.trim().parse().unwrap();
+    assert!(!dead(grandchild));
+    pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.end().status, "signal: killed");
+    assert!(wait_dead(grandchild).await, "background sleep was killed too");
+}
+
+#[tokio::test]
+async fn sigterm_is_reported_as_terminated() {
+    let pm = manager();
+    let mut p = pm.start(spec("sleep", &["1000"])).await.unwrap();
+    pm.signal(&Selector::Pid(p.pid), Signal::Term).unwrap();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.end().status, "signal: terminated");
+    assert_eq!(out.end().error.as_deref(), Some("signal: terminated"));
+}
+
+#[tokio::test]
+async fn end_follows_the_signal_even_if_an_escaped_descendant_holds_the_pipe() {
+    let pm = manager();
+    // setsid moves the sleep out of the group, so the group kill misses it and it keeps stdout.
+    let mut p = pm.start(sh("setsid sleep 1000 & echo $!; echo ready; wait")).await.unwrap();
+    let text = read_until(&mut p.events, "ready\n").await;
+    let escaped: u32 = text.lines().next().unwrap().trim().parse().unwrap();
+    pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
+    let started = std::time::Instant::now();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.end().status, "signal: killed");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped as i32), nix::sys::signal::Signal::SIGKILL);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_group() {
+    let pm = manager();
+    let mut s = sh("sleep 1000 & echo $!; wait");
+    s.timeout = Some(Duration::from_millis(300));
+    let mut p = pm.start(s).await.unwrap();
+    let line = read_until(&mut p.events, "\n").await;
+    let grandchild: u32 = line.trim().parse().unwrap();
+    let out = collect(&mut p.events).await;
+    assert_eq!(out.end().status, "signal: killed");
+    assert!(wait_dead(grandchild).await);
+}
+
+#[tokio::test]
+async fn the_child_is_reaped_before_end() {
+    let pm = manager();
+    let mut p = pm.start(spec("true", &[])).await.unwrap();
+    let out = collect(&mut p.events).await;
+    assert!(out.end.is_some());
+    assert!(!std::path::Path::new(&format!("/proc/{}", p.pid)).exists(), "no zombie left behind");
+    assert!(pm.list().iter().all(|s| s.pid != p.pid));
+}
+
+#[tokio::test]
+async fn environment_is_built_from_scratch_in_order() {
+    let pm = manager();
+    let mut s = spec("env", &[]);
+    s.sandbox_env = vec![("A".into(), "sandbox".into()), ("B".into(), "sandbox".into())];
+    s.command.envs = vec![("A".into(), "request".into())];
+    let mut p = pm.start(s).await.unwrap();
+    let out = collect(&mut p.events).await;
+    let lines: HashSet<String> = out.stdout().lines().map(str::to_owned).collect();
+    let expected: HashSet<String> = [
+        format!("PATH={DEFAULT_PATH_ENV}"),
+        "HOME=/root".into(),
+        "USER=root".into(),
+        "LOGNAME=root".into(),
+        "A=request".into(),
+        "B=sandbox".into(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(lines, expected, "nothing inherited from guestd's environment");
+}
+
+#[tokio::test]
+async fn cwd_defaults_to_workdir_then_home() {
+    let pm = manager();
+    let mut p = pm.start(spec("pwd", &[])).await.unwrap();
+    assert_eq!(collect(&mut p.events).await.stdout(), "/root\n");
+    let mut s = spec("pwd", &[]);
+    s.default_workdir = Some(PathBuf::from("/tmp"));
+    let mut p = pm.start(s).await.unwrap();
+    assert_eq!(collect(&mut p.events).await.stdout(), "/tmp\n");
+    let mut s = spec("pwd", &[]);
+    s.default_workdir = Some(PathBuf::from("/tmp"));
+    s.command.cwd = Some("/usr".into());
+    let mut p = pm.start(s).await.unwrap();
+    assert_eq!(collect(&mut p.events).await.stdout(), "/usr\n");
+}
+
+#[tokio::test]
+async fn runs_as_the_requested_user() {
+    let pm = manager();
+    let mut s = sh("id -u; id -g; echo $HOME $USER; pwd");
+    s.user = crate::users::lookup("nobody").unwrap();
+    s.default_workdir = Some(PathBuf::from("/tmp"));
+    let mut p = pm.start(s).await.unwrap();
+    let out = collect(&mut p.events).await;
+    let nobody = crate::users::lookup("nobody").unwrap();
+    assert_eq!(out.stdout(), format!("{}\n{}\n{} nobody\n/tmp\n", nobody.uid, nobody.gid, nobody.home.display()));
+}
+
+/// A throwaway user in an extra group, removed on drop.
+struct TempUser {
+    name: String,
+    group: String,
+}
+
+impl TempUser {
+    fn create(tag: &str) -> Self {
+        let name = format!("gd-{tag}-{}", std::process::id());
+        let group = format!("{name}-g");
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run user admin tool");
+            assert!(status.success(), "{args:?} failed (tests need root)");
+        };
+        run(&["groupadd", &group]);
+        run(&["useradd", "-M", "-G", &group, &name]);
+        TempUser { name, group }
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel").arg(&self.name).status();
+        let _ = std::process::Command::new("groupdel").arg(&self.group).status();
+    }
+}
+
+#[tokio::test]
+async fn supplementary_groups_are_kept_as_root_needs_them() {
+    let temp = TempUser::create("grp");
+    let user = crate::users::lookup(&temp.name).unwrap();
+    let extra = nix::unistd::Group::from_name(&temp.group).unwrap().unwrap().gid.as_raw();
+    assert_eq!(user.groups.first(), Some(&user.gid));
+    assert!(user.groups.contains(&extra));
+    let pm = manager();
+    let mut s = spec("id", &["-G"]);
+    s.user = user.clone();
+    s.default_workdir = Some(PathBuf::from("/tmp"));
+    let mut p = pm.start(s).await.unwrap();
+    let out = collect(&mut p.events).await;
+    let groups: HashSet<u32> = out.stdout().split_whitespace().map(|g| g.parse().unwrap()).collect();
+    assert_eq!(groups, user.groups.iter().copied().collect());
+}
+
+#[tokio::test]
+async fn spawn_errors_name_their_cause_and_register_nothing() {
+    let pm = manager();
+    let err = pm.start(spec("definitely-not-a-command", &[])).await.err().unwrap();
+    assert!(matches!(err, ProcessError::ExecutableNotFound { .. }), "{err}");
+    assert_eq!(err.to_string(), "executable 'definitely-not-a-command' not found in PATH");
+
+    let mut s = spec("true", &[]);
+    s.command.cwd = Some("/nonexistent/dir".into());
+    let err = pm.start(s).await.err().unwrap();
+    assert_eq!(err.to_string(), "cwd '/nonexistent/dir' does not exist");
+
+    let mut s = spec("true", &[]);
+    s.command.cwd = Some("/etc/passwd".into());
+    let err = pm.start(s).await.err().unwrap();
+    assert_eq!(err.to_string(), "cwd '/etc/passwd' is not a directory");
+
+    let mut s = spec("true", &[]);
+    s.command.cwd = Some("~root/x".into());
+    let err = pm.start(s).await.err().unwrap();
+    assert!(matches!(err, ProcessError::Path(_)), "{err}");
+
+    let mut s = spec("true", &[]);
+    s.user = crate::users::lookup("nobody").unwrap();
+    s.command.cwd = Some("/root".into());
+    let err = pm.start(s).await.err().unwrap();
+    assert_eq!(err.to_string(), "permission denied: user 'nobody' cannot access cwd '/root'");
+
+    let mut s = spec("/etc/passwd", &[]);
+    s.default_workdir = Some(PathBuf::from("/tmp"));
+    let err = pm.start(s).await.err().unwrap();
+    assert!(matches!(err, ProcessError::PermissionDenied { .. }), "{err}");
+
+    assert!(pm.list().is_empty());
+}
+
+#[tokio::test]
+async fn tag_lookup_finds_the_newest_live_match() {
+    let pm = manager();
+    let mut pids = Vec::new();
+    for tag in ["a", "b", "a"] {
+        let mut s = spec("sleep", &["1000"]);
+        s.tag = Some(tag.into());
+        pids.push(pm.start(s).await.unwrap().pid);
+    }
+    assert_eq!(pm.connect(&Selector::Tag("a".into())).unwrap().pid, pids[2]);
+    assert_eq!(pm.connect(&Selector::Tag("b".into())).unwrap().pid, pids[1]);
+    let err = pm.connect(&Selector::Tag("c".into())).err().unwrap();
+    assert_eq!(err.to_string(), "process with tag 'c' not found");
+    let listed: Vec<u32> = pm.list().iter().map(|p| p.pid).collect();
+    assert_eq!(listed, pids, "list is in start order");
+    assert_eq!(pm.list()[0].command.args, vec!["1000".to_owned()]);
+
+    // With the newest "a" gone, the older one is found.
+    let mut newest = pm.connect(&Selector::Pid(pids[2])).unwrap();
+    pm.signal(&Selector::Pid(pids[2]), Signal::Kill).unwrap();
+    collect(&mut newest.events).await;
+    assert_eq!(pm.connect(&Selector::Tag("a".into())).unwrap().pid, pids[0]);
+    for pid in [pids[0], pids[1]] {
+        pm.signal(&Selector::Pid(pid), Signal::Kill).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn finished_processes_are_retained_then_forgotten() {
+    let pm = manager();
+    let mut s = sh("exit 4");
+    s.tag = Some("job".into());
+    let mut p = pm.start(s).await.unwrap();
+    let first = collect(&mut p.events).await;
+
+    for sel in [Selector::Pid(p.pid), Selector::Tag("job".into())] {
+        let mut again = pm.connect(&sel).unwrap();
+        assert_eq!(again.pid, p.pid);
+        let replay = collect(&mut again.events).await;
+        assert!(replay.stdout.is_empty());
+        assert_eq!(replay.end, first.end, "connect returns just the End");
+    }
+    assert!(pm.list().is_empty());
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let err = pm.connect(&Selector::Pid(p.pid)).err().unwrap();
+    assert!(matches!(err, ProcessError::NotFound(_)));
+    let err = pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap_err();
+    assert_eq!(err.to_string(), format!("process with pid {} not found", p.pid));
+}
+
+#[tokio::test]
+async fn connect_to_a_live_process_sees_only_new_output() {
+    let pm = manager();
+    let mut s = sh("echo before; read x; echo after");
+    s.stdin = true;
+    let mut p = pm.start(s).await.unwrap();
+    read_until(&mut p.events, "before\n").await;
+    let mut late = pm.connect(&Selector::Pid(p.pid)).unwrap();
+    pm.write_stdin(&Selector::Pid(p.pid), Bytes::from_static(b"\n")).await.unwrap();
+    let out = collect(&mut late.events).await;
+    assert_eq!(out.stdout(), "after\n");
+    assert_eq!(collect(&mut p.events).await.stdout(), "after\n");
+}
+
+#[tokio::test]
+async fn shutdown_terminates_then_kills_everything() {
+    let pm = manager();
+    let mut polite = pm.start(spec("sleep", &["1000"])).await.unwrap();
+    let mut stubborn = pm.start(sh("trap '' TERM; echo ready; while :; do sleep 0.05; done")).await.unwrap();
+    read_until(&mut stubborn.events, "ready").await;
+    pm.shutdown(Duration::from_millis(300)).await;
+    assert_eq!(collect(&mut polite.events).await.end().status, "signal: terminated");
+    assert_eq!(collect(&mut stubborn.events).await.end().status, "signal: killed");
+    assert!(pm.list().is_empty());
+    assert!(pm.start(spec("true", &[])).await.is_err(), "no starts after shutdown");
+}
+
+/// Throughput of the whole domain path (pipe -> pump -> log -> subscription). Run with
+/// `cargo test --release --lib throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_one_gib() {
+    let pm = manager();
+    let mut p = pm.start(spec("dd", &["if=/dev/zero", "bs=1M", "count=1024", "status=none"])).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut total = 0usize;
+    while let Some(event) = p.events.next().await {
+        if let Event::Stdout(b) = event.unwrap() {
+            total += b.len();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(total, 1 << 30);
+    eprintln!("1 GiB in {secs:.3} s = {:.2} GB/s", total as f64 / secs / 1e9);
+}

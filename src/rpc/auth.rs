@@ -1,0 +1,71 @@
+//! Which user a request acts as: the `Authorization: Basic base64(user:)` username (the password
+//! is ignored, as in envd), else the sandbox's default user.
+
+use base64::Engine;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use crate::session::Defaults;
+use crate::users::{self, User};
+
+/// The user a request acts as. An unknown or unparsable user is `unauthenticated`, naming it.
+pub(crate) fn request_user(md: &MetadataMap, defaults: &Defaults) -> Result<User, Status> {
+    match basic_username(md)? {
+        Some(name) => users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}"))),
+        None if defaults.user.is_empty() => Err(unauthenticated("no user specified".to_owned())),
+        None => users::lookup(&defaults.user)
+            .map_err(|e| unauthenticated(format!("invalid default user: '{}': {e}", defaults.user))),
+    }
+}
+
+/// The username of a Basic `Authorization` header; `None` when there is no Basic header.
+fn basic_username(md: &MetadataMap) -> Result<Option<String>, Status> {
+    let Some(value) = md.get("authorization") else { return Ok(None) };
+    let value = value.to_str().map_err(|_| unauthenticated("authorization header is not ASCII".to_owned()))?;
+    let Some(encoded) = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")) else {
+        return Ok(None);
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| unauthenticated("authorization header is not valid base64 'user:password'".to_owned()))?;
+    let name = decoded.split_once(':').map_or(decoded.as_str(), |(user, _password)| user);
+    Ok(Some(name.to_owned()))
+}
+
+fn unauthenticated(message: String) -> Status {
+    Status::unauthenticated(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: &str) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert("authorization", value.parse().unwrap());
+        md
+    }
+
+    #[test]
+    fn username_comes_from_basic_auth() {
+        assert_eq!(basic_username(&with_auth("Basic dXNlcjo=")).unwrap().as_deref(), Some("user"));
+        assert_eq!(basic_username(&with_auth("Basic cm9vdDpwdw==")).unwrap().as_deref(), Some("root"));
+        assert_eq!(basic_username(&with_auth("Basic Og==")).unwrap().as_deref(), Some(""));
+        assert_eq!(basic_username(&with_auth("Bearer abc")).unwrap(), None);
+        assert_eq!(basic_username(&MetadataMap::new()).unwrap(), None);
+        assert!(basic_username(&with_auth("Basic !!!")).is_err());
+    }
+
+    #[test]
+    fn unknown_users_are_unauthenticated() {
+        let defaults = Defaults { user: "root".into(), workdir: None, env: vec![] };
+        let err = request_user(&with_auth("Basic bm9zdWNodXNlcjo="), &defaults).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("'nosuchuser'"), "{}", err.message());
+        assert_eq!(request_user(&MetadataMap::new(), &defaults).unwrap().name, "root");
+        let empty = Defaults { user: String::new(), ..defaults };
+        assert_eq!(request_user(&MetadataMap::new(), &empty).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+}

@@ -1,0 +1,70 @@
+//! Request headers with protocol meaning: `grpc-timeout` (Connect's `Connect-Timeout-Ms` arrives
+//! here translated by `crate::connect`) and envd's `Keepalive-Ping-Interval`.
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataMap;
+
+/// Keepalive interval when the client sends none or an unusable one (envd's default).
+pub(crate) const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
+
+/// The request deadline from `grpc-timeout` (`<1..8 digits><H|M|S|m|u|n>`), if any and valid.
+pub(crate) fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    let value = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `Keepalive-Ping-Interval` in whole seconds. Missing, junk, zero or negative values give the
+/// default (envd crashes on <= 0; we do not).
+pub(crate) fn keepalive_interval(md: &MetadataMap) -> Duration {
+    md.get("keepalive-ping-interval")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_KEEPALIVE, |s| Duration::from_secs(s.unsigned_abs()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(key: &'static str, value: &'static str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(key, value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(grpc_timeout(&md("grpc-timeout", "60000m")), Some(Duration::from_secs(60)));
+        assert_eq!(grpc_timeout(&md("grpc-timeout", "2S")), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout(&md("grpc-timeout", "1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(&md("grpc-timeout", "5n")), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "123456789m", "10x", "-1S"] {
+            assert_eq!(grpc_timeout(&md("grpc-timeout", bad)), None, "{bad}");
+        }
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn keepalive_defaults_on_junk() {
+        assert_eq!(keepalive_interval(&md("keepalive-ping-interval", "50")), Duration::from_secs(50));
+        for bad in ["0", "-5", "soon", ""] {
+            assert_eq!(keepalive_interval(&md("keepalive-ping-interval", bad)), DEFAULT_KEEPALIVE, "{bad}");
+        }
+        assert_eq!(keepalive_interval(&MetadataMap::new()), DEFAULT_KEEPALIVE);
+    }
+}

@@ -1,0 +1,31 @@
+//! RPC adapters: tonic service implementations of `process.Process` and `filesystem.Filesystem`.
+//!
+//! Every method is a few lines: decode the proto request into domain values, authorize (pick the
+//! user), call the domain, map the result back. No domain logic lives here. gRPC clients reach
+//! these services directly; Connect clients reach them through `crate::connect`, which
+//! translates Connect requests into gRPC ones in front of the same router.
+
+mod auth;
+mod filesystem;
+mod metadata;
+mod process;
+mod status;
+
+use std::sync::Arc;
+
+use crate::Agent;
+use crate::proto;
+
+/// The tonic routes for every service guestd serves, plus gRPC reflection, as an axum router.
+pub fn router(agent: Arc<Agent>) -> axum::Router {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid: it was produced by the build script");
+    tonic::service::Routes::new(proto::process::process_server::ProcessServer::from_arc(Arc::new(
+        process::ProcessRpc::new(agent.clone()),
+    )))
+    .add_service(proto::filesystem::filesystem_server::FilesystemServer::new(filesystem::FilesystemRpc))
+    .add_service(reflection)
+    .into_axum_router()
+}

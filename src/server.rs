@@ -1,0 +1,222 @@
+//! Binding and serving: one listener per `--listen` address (TCP or AF_VSOCK), all sharing one
+//! service stack, HTTP/1.1 and h2c (prior knowledge) on the same socket via hyper-util's `auto`
+//! builder:
+//!
+//! ```text
+//! accept ─► hyper (h1 | h2c) ─► ConnectLayer ─► GrpcDeadlineLayer ─► axum Router
+//!                                  │ Connect → gRPC                  ├─ tonic: process, filesystem, reflection
+//!                                  └ gRPC passes through             └─ plain HTTP: /health, …
+//! ```
+//!
+//! Startup is phased: [`Server::bind`] binds every address first (so a bad address fails before
+//! anything is served), then [`Server::serve`] runs the accept loops until `shutdown` resolves.
+//! Shutdown: stop accepting, ask every connection to finish gracefully (idle keep-alive
+//! connections close at once, in-flight requests may finish) for at most `SHUTDOWN_GRACE`, then
+//! terminate the process groups guestd started.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ListenAddr};
+use crate::process::{ManagerConfig, ProcessManager};
+use crate::session::Session;
+use crate::{Agent, http, rpc};
+
+/// How long connections and then processes get to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a finished process stays reachable by `Connect` (envd keeps 30 s).
+const PROCESS_RETENTION: Duration = Duration::from_secs(60);
+
+/// Pause after an accept error such as EMFILE, so a full fd table does not spin a core.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Interval of HTTP/2 PING frames, so dead peers of long streams are noticed.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// A listen address guestd could not bind.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}")]
+pub struct BindError {
+    addr: ListenAddr,
+    #[source]
+    source: io::Error,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Vsock(tokio_vsock::VsockListener),
+}
+
+/// Bound listeners plus the agent state they will serve.
+pub struct Server {
+    listeners: Vec<(ListenAddr, Listener)>,
+    agent: Arc<Agent>,
+}
+
+impl Server {
+    /// Binds every configured address and builds the agent state. Serves nothing yet.
+    pub async fn bind(config: &Config) -> Result<Server, BindError> {
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for &addr in &config.listen {
+            let bound = match addr {
+                ListenAddr::Tcp(sock) => TcpListener::bind(sock).await.and_then(|l| {
+                    let local = l.local_addr()?;
+                    Ok((ListenAddr::Tcp(local), Listener::Tcp(l)))
+                }),
+                ListenAddr::Vsock { cid, port } => {
+                    tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(cid, port)).and_then(|l| {
+                        let local = l.local_addr()?;
+                        Ok((ListenAddr::Vsock { cid: local.cid(), port: local.port() }, Listener::Vsock(l)))
+                    })
+                }
+            };
+            listeners.push(bound.map_err(|source| BindError { addr, source })?);
+        }
+        let agent = Arc::new(Agent {
+            processes: ProcessManager::new(ManagerConfig {
+                path_env: config.path_env.clone(),
+                retention: PROCESS_RETENTION,
+            }),
+            session: Session::new(config.default_user.clone()),
+        });
+        Ok(Server { listeners, agent })
+    }
+
+    /// The addresses actually bound (port 0 replaced by the port the kernel chose).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners.iter().map(|(addr, _)| *addr).collect()
+    }
+
+    /// The first bound TCP address, if any (handy for tests and embedders).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.local_addrs().into_iter().find_map(|a| match a {
+            ListenAddr::Tcp(sock) => Some(sock),
+            ListenAddr::Vsock { .. } => None,
+        })
+    }
+
+    /// The agent state (process table, session) this server serves.
+    pub fn agent(&self) -> Arc<Agent> {
+        self.agent.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains connections and ends the processes.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let service = service(self.agent.clone());
+        let tracker = TaskTracker::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        for (addr, listener) in self.listeners {
+            info!(%addr, "listening");
+            let ctx = AcceptContext { service: service.clone() };
+            let stop = stop_rx.clone();
+            match listener {
+                Listener::Tcp(l) => tracker.spawn(accept_loop(Tcp(l), ctx, stop)),
+                Listener::Vsock(l) => tracker.spawn(accept_loop(Vsock(l), ctx, stop)),
+            };
+        }
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+        tracker.close();
+        // Each accept loop drains its own connections within the grace period.
+        tracker.wait().await;
+        self.agent.processes.shutdown(SHUTDOWN_GRACE).await;
+    }
+}
+
+/// The whole request path shared by every listener: Connect translation in front of the
+/// router that holds the tonic services and the plain HTTP routes.
+type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
+
+fn service(agent: Arc<Agent>) -> Service {
+    let router = http::routes(rpc::router(agent));
+    let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .expect("the embedded descriptor set is valid: it was produced by the build script");
+    let stack = tower::ServiceBuilder::new()
+        .layer(crate::connect::ConnectLayer::new(pool))
+        .layer(crate::connect::GrpcDeadlineLayer)
+        .service(router);
+    tower::util::BoxCloneSyncService::new(
+        stack.map_request(|req: ::http::Request<Incoming>| req.map(axum::body::Body::new)),
+    )
+}
+
+struct AcceptContext {
+    service: Service,
+}
+
+/// A listening socket of some transport; every transport shares the same serving code.
+trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+struct Tcp(TcpListener);
+struct Vsock(tokio_vsock::VsockListener);
+
+impl Accept for Tcp {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (stream, _) = self.0.accept().await?;
+        // Without NODELAY, HEADERS and DATA written separately meet delayed ACKs: 40 ms per call.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Accept for Vsock {
+    type Io = tokio_vsock::VsockStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        self.0.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+async fn accept_loop<L: Accept>(listener: L, ctx: AcceptContext, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Both timers are required: hyper panics on keep-alive/header timeouts without one.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(H2_KEEPALIVE));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let io = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(io) => io,
+                Err(err) => {
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(ctx.service.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let connection = graceful.watch(connection);
+        // Connections are tracked by `graceful`, not by the accept-loop tracker: a stream may
+        // outlive the grace period and must not hold shutdown hostage.
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; leaving them");
+    }
+}

@@ -1,0 +1,122 @@
+//! Non-blocking file descriptors driven by the tokio reactor.
+//!
+//! Pipes and PTY masters are wrapped in one type, [`AsyncRawFd`], so that the output readers and
+//! input writers of `process` have one code path. Reads go straight into the spare capacity of
+//! a `BytesMut` (no zeroing, no intermediate copy): the caller then `split().freeze()`s the bytes
+//! into a chunk that every subscriber shares.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use bytes::BytesMut;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use tokio::io::unix::AsyncFd;
+
+/// An owned file descriptor in `O_NONBLOCK` mode, registered with the current tokio reactor.
+///
+/// Reads and writes may run concurrently from different tasks (`&self` methods), which the
+/// PTY master needs: one task reads output while RPCs write input.
+pub struct AsyncRawFd {
+    inner: AsyncFd<OwnedFd>,
+}
+
+impl AsyncRawFd {
+    /// Puts `fd` in non-blocking mode and registers it with the reactor of the current runtime.
+    ///
+    /// Must be called from within a tokio runtime.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        set_nonblocking(fd.as_fd())?;
+        // SAFETY: `fd` is moved into the AsyncFd, so it stays open and refers to the same open
+        // file description until the AsyncFd is dropped; `OwnedFd::as_raw_fd` always returns
+        // the same number.
+        let inner = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(Self { inner })
+    }
+
+    /// Waits until the descriptor is readable, then reads at most `max` bytes into the spare
+    /// capacity of `buf` (which the caller must have reserved). `Ok(0)` is end of file.
+    pub async fn read_buf(&self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        loop {
+            let mut guard = self.inner.readable().await?;
+            match guard.try_io(|fd| read_into(fd.as_fd(), buf, max)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Reads what is available right now; `WouldBlock` when nothing is.
+    pub fn try_read_buf(&self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        read_into(self.inner.get_ref().as_fd(), buf, max)
+    }
+
+    /// Writes all of `data`, waiting for the reader to make room whenever the kernel buffer is
+    /// full (a full pipe makes the caller wait, it never fails).
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.inner.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd, data).map_err(io::Error::from)) {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for AsyncRawFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.get_ref().as_fd()
+    }
+}
+
+/// One `read(2)` of at most `max` bytes into the spare capacity of `buf`.
+///
+/// The caller reserves capacity first; with no spare capacity this reads nothing and returns
+/// `Ok(0)`, which would look like end of file, so it is a caller bug and asserted in debug.
+fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    debug_assert!(len > 0, "read_into called without spare capacity");
+    // SAFETY: `spare` is writable memory owned by `buf`, valid for `spare.len() >= len` bytes for
+    // the duration of the call; `read(2)` writes at most `len` bytes into it and does not keep
+    // the pointer.
+    let n = unsafe { nix::libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize; // non-negative and <= len, checked above
+    // SAFETY: the kernel initialised the first `n <= len` bytes of the spare capacity, so the new
+    // length covers only initialised bytes and stays within the capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Sets `O_NONBLOCK` on the open file description behind `fd`.
+///
+/// Only call this on descriptions guestd owns alone (its end of a pipe, a PTY master): the flag
+/// is shared by every descriptor that refers to the same description.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Grows the kernel buffer of the pipe behind `fd` to `bytes` (best effort: an unprivileged
+/// caller is capped at `/proc/sys/fs/pipe-max-size`; the caller decides whether to care).
+pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes))?;
+    Ok(())
+}
+
+/// A pipe whose both ends are close-on-exec: `(read end, write end)`.
+///
+/// Close-on-exec is set atomically (`pipe2`), so a child forked concurrently by another thread
+/// never inherits the other process's pipe end (which would hold its EOF back).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+}

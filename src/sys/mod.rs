@@ -1,0 +1,15 @@
+//! The only place in guestd with `unsafe` code and raw syscalls.
+//!
+//! Everything here is a thin, documented wrapper that the domain modules call through a safe
+//! signature: the child-side setup that runs between `fork` and `exec` ([`spawn`]), non-blocking
+//! file descriptors registered with the tokio reactor ([`fd`]), PTY allocation and window sizes
+//! ([`pty`]) and `waitpid` with the raw status decoded ([`wait`]). Nothing in here knows about
+//! processes as guestd sees them (tags, subscribers, retention): that lives in `process`.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
+//! denied crate-wide.
+
+pub mod fd;
+pub mod pty;
+pub mod spawn;
+pub mod wait;

@@ -1,0 +1,60 @@
+//! `waitpid(2)` with the raw status decoded.
+//!
+//! We call libc directly rather than `nix::sys::wait::waitpid`: nix converts the status into its
+//! `Signal` enum and returns `EINVAL` for signals it has no variant for (real-time signals),
+//! after the child has already been reaped, which would lose the exit status for good.
+
+use std::io;
+
+use nix::libc;
+
+/// How a reaped child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitStatus {
+    /// `WIFEXITED`: the child called `exit(code)`.
+    Exited(i32),
+    /// `WIFSIGNALED`: the child was killed by `signal`.
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+/// Non-blocking `waitpid(pid, WNOHANG)`: `Ok(None)` while the child is still running.
+pub fn try_wait(pid: i32) -> io::Result<Option<WaitStatus>> {
+    Ok(wait_nohang(pid)?.map(|(_, status)| status))
+}
+
+/// Non-blocking `waitpid(-1, WNOHANG)`: reaps any child. `Ok(None)` when children exist but none
+/// has ended; `ECHILD` when there are no children at all.
+pub fn try_wait_any() -> io::Result<Option<(i32, WaitStatus)>> {
+    wait_nohang(-1)
+}
+
+fn wait_nohang(pid: i32) -> io::Result<Option<(i32, WaitStatus)>> {
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: `raw` is a live local the kernel writes the status into; WNOHANG never blocks.
+        let rc = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        return Ok(decode(raw).map(|status| (rc, status)));
+    }
+}
+
+/// Without WUNTRACED/WCONTINUED only exits and signal deaths are reported; anything else would be
+/// a kernel surprise and is treated as "not ended".
+fn decode(raw: libc::c_int) -> Option<WaitStatus> {
+    if libc::WIFEXITED(raw) {
+        Some(WaitStatus::Exited(libc::WEXITSTATUS(raw)))
+    } else if libc::WIFSIGNALED(raw) {
+        Some(WaitStatus::Signaled { signal: libc::WTERMSIG(raw), core_dumped: libc::WCOREDUMP(raw) })
+    } else {
+        None
+    }
+}

@@ -1,0 +1,239 @@
+"""Fixtures for the SDK test tier: one freshly started guestd per pytest session, driven by the real
+E2B Python SDK in debug mode.
+
+* `guestd` starts `$GUESTD_BIN --listen 127.0.0.1:<port>` and waits for `GET /health` → 204.
+  The port is outside the ephemeral range (32768–60999) so polling can never self-connect.
+  At teardown it stops guestd with SIGTERM and fails the session if guestd does not exit, exits
+  badly, or leaves any process behind (descendants seen before shutdown, or anything carrying the
+  run's marker; see helpers.MARK). Leftovers are then SIGKILLed by pid so the machine stays clean.
+* `sandbox` is `Sandbox.create()` with `E2B_DEBUG=true` and `E2B_SANDBOX_URL` pointing at guestd:
+  in debug mode the SDK makes no API call and sends every envd request to that URL
+  (`ConnectionConfig.get_sandbox_url`: an explicit sandbox URL wins over `http://localhost:49983`).
+* `test_user` creates a throw-away user with a supplementary group (needs root).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import http.client
+import os
+import pwd
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from helpers import MARK, RUN_ID, Proc, all_procs, descendants, marked_procs, still_alive
+
+# Set in guestd's own environment; a child must never see it (children get an explicit env).
+LEAK_VAR = "GUESTD_SDK_AGENT_ONLY"
+
+# Ports below the ephemeral range; a TCP poll on an ephemeral port can connect to itself.
+PORT_RANGE = (20000, 32000)
+STARTUP_TIMEOUT_S = 20.0
+SHUTDOWN_GRACE_S = 15.0
+
+
+@dataclass
+class Guestd:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError as e:
+            return f"<no log: {e}>"
+
+
+def _free_port() -> int:
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
+
+
+def _die_with_parent() -> None:
+    # If pytest itself is killed (e.g. by pytest-timeout), guestd must not outlive it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _health(port: int) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _describe(procs: list[Proc]) -> str:
+    return "\n".join(f"    pid {p.pid} (ppid {p.ppid}, state {p.state}): {p.cmdline}" for p in procs)
+
+
+@pytest.fixture(scope="session")
+def guestd():
+    binary = os.environ.get("GUESTD_BIN")
+    if not binary:
+        pytest.fail(
+            "GUESTD_BIN is not set: run the SDK tier through scripts/test-sdk.sh "
+            "(it builds guestd and sets GUESTD_BIN and the venv)",
+            pytrace=False,
+        )
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"GUESTD_BIN={binary} is not an executable file", pytrace=False)
+
+    port = _free_port()
+    log_dir = os.environ.get("GUESTD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="guestd-sdk-")
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"guestd-{RUN_ID}.log")
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "info")
+    env[LEAK_VAR] = MARK
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [binary, "--listen", f"127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        preexec_fn=_die_with_parent,
+    )
+    server = Guestd(proc=proc, port=port, log_path=log_path)
+    print(f"\nguestd pid {proc.pid} on {server.url}, log {log_path}", file=sys.stderr)
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    status = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"guestd exited with {proc.returncode} before answering /health; log:\n{server.log_tail()}",
+                pytrace=False,
+            )
+        status = _health(port)
+        if status is not None:
+            break
+        time.sleep(0.05)
+    if status != 204:
+        proc.kill()
+        proc.wait()
+        pytest.fail(
+            f"GET /health on {server.url} gave {status} (want 204) within {STARTUP_TIMEOUT_S}s; "
+            f"log:\n{server.log_tail()}",
+            pytrace=False,
+        )
+
+    yield server
+
+    # ---- teardown: guestd must stop on SIGTERM and leave nothing behind ----
+    before = descendants(proc.pid) + [p for p in marked_procs() if p.pid != proc.pid]
+    problems = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=SHUTDOWN_GRACE_S)
+    except subprocess.TimeoutExpired:
+        problems.append(f"guestd did not exit within {SHUTDOWN_GRACE_S}s of SIGTERM; killed it")
+        proc.kill()
+        proc.wait()
+    else:
+        if proc.returncode not in (0, -signal.SIGTERM):
+            problems.append(f"guestd exited with {proc.returncode} after SIGTERM (want 0)")
+    log.close()
+
+    time.sleep(0.2)  # let the kernel finish delivering any kill guestd sent on its way out
+    left = {p.pid: p for p in before if still_alive(p)}
+    left.update({p.pid: p for p in marked_procs()})
+    if left:
+        problems.append(
+            "processes spawned through guestd outlived it:\n" + _describe(list(left.values()))
+        )
+        for p in left.values():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if problems:
+        pytest.fail(
+            "guestd teardown:\n  " + "\n  ".join(problems) + f"\nlog tail:\n{server.log_tail()}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def sandbox(guestd):
+    from e2b import Sandbox
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("E2B_DEBUG", "true")
+    mp.setenv("E2B_SANDBOX_URL", guestd.url)
+    # Loopback never goes through a proxy, whatever the machine's settings.
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+    mp.setenv("NO_PROXY", no_proxy)
+    mp.setenv("no_proxy", no_proxy)
+    try:
+        sbx = Sandbox.create()
+        assert sbx.sandbox_id == "debug_sandbox_id"
+        yield sbx
+    finally:
+        mp.undo()
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+@dataclass
+class TestUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    group: str
+    group_gid: int
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    """A fresh login user with a home and one supplementary group; removed at the end."""
+    if not running_as_root():
+        pytest.skip("creating a user needs root (useradd); this run is not root")
+    name = f"gsdk{RUN_ID[:8]}"
+    group = f"{name}x"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-G", group, name], check=True)
+        pw = pwd.getpwnam(name)
+        yield TestUser(name, pw.pw_uid, pw.pw_gid, pw.pw_dir, group, grp.getgrnam(group).gr_gid)
+    finally:
+        subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def pytest_report_header(config):
+    return [f"guestd SDK tier: run {RUN_ID}, process marker {MARK}"]
+
+
+__all__ = ["LEAK_VAR", "Guestd", "TestUser", "running_as_root", "all_procs"]
