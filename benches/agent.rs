@@ -17,8 +17,9 @@
 //! so the client's own cost stays small and nothing in it can hide a server problem. gRPC goes
 //! through tonic's `Channel` on a current-thread runtime, as a Rust host would use it.
 //!
-//! Agent CPU time (utime + stime from `/proc/PID/stat`) is recorded beside each phase: on a small
-//! machine a throughput figure alone does not say whether the agent or the client was the limit.
+//! Agent CPU time (utime + stime from `/proc/PID/stat`) is recorded beside each phase, and the
+//! client's own beside each transfer: on a small machine a throughput figure alone does not say
+//! whether the agent or the client was the limit.
 
 #![allow(clippy::print_stdout, reason = "a benchmark's output is its figures")]
 
@@ -115,6 +116,7 @@ fn main() -> Result<()> {
     for transport in Transport::ALL {
         eprintln!("throughput: {} MiB over {transport}", bytes >> 20);
         let cpu0 = agent.cpu_seconds()?;
+        let client_cpu0 = cpu_seconds("/proc/self/stat")?;
         let t0 = Instant::now();
         let out = match transport {
             Transport::ConnectJson => connect_start(&mut http, Codec::Json, &head_cmd, &mut scratch)?,
@@ -123,11 +125,12 @@ fn main() -> Result<()> {
         };
         let secs = t0.elapsed().as_secs_f64();
         let cpu = agent.cpu_seconds()? - cpu0;
+        let client_cpu = cpu_seconds("/proc/self/stat")? - client_cpu0;
         ensure!(out.exit_code == 0, "{transport}: head exited with {}", out.exit_code);
         ensure!(out.stderr == 0, "{transport}: {} unexpected stderr bytes", out.stderr);
         ensure!(out.stdout == bytes, "{transport}: decoded {} stdout bytes, expected {bytes}", out.stdout);
         let rss = agent.status_kb("VmRSS")?;
-        tp_rows.push(TpRow { transport, secs, cpu, messages: out.messages, rss_after: rss });
+        tp_rows.push(TpRow { transport, secs, cpu, client_cpu, messages: out.messages, rss_after: rss });
     }
     drop(http);
     drop(grpc);
@@ -256,14 +259,7 @@ impl Agent {
 
     /// User + system CPU time the agent has used so far (its own threads, not its children).
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the parenthesised comm, which may itself contain spaces: state is field 3,
-        // utime and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i - 3).context("short /proc/PID/stat")?.parse()?) };
-        // USER_HZ is 100 on every Linux ABI that matters here (x86_64, aarch64).
-        Ok((ticks(14)? + ticks(15)?) as f64 / 100.0)
+        cpu_seconds(&format!("/proc/{}/stat", self.pid()))
     }
 
     fn stop(&mut self) {
@@ -276,6 +272,18 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// utime + stime of the process whose `stat` file is at `path`.
+fn cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
+    // Fields after the parenthesised comm, which may itself contain spaces: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').with_context(|| format!("malformed {path}"))?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i - 3).with_context(|| format!("short {path}"))?.parse()?) };
+    // USER_HZ is 100 on every Linux ABI that matters here (x86_64, aarch64).
+    Ok((ticks(14)? + ticks(15)?) as f64 / 100.0)
 }
 
 fn free_port() -> Result<u16> {
@@ -747,6 +755,8 @@ struct TpRow {
     secs: f64,
     /// Agent CPU seconds during the transfer.
     cpu: f64,
+    /// This benchmark's own CPU seconds (the client) during the transfer.
+    client_cpu: f64,
     messages: u64,
     rss_after: u64,
 }
@@ -815,6 +825,7 @@ impl Report {
                 "MB_per_s": round(mbs, 1),
                 "x_pipe": round(mbs / pipe, 3),
                 "agent_cpu_s": round(r.cpu, 2),
+                "client_cpu_s": round(r.client_cpu, 2),
                 "messages": r.messages,
             });
             rss[format!("after_throughput_{}", r.transport.key())] = json!(r.rss_after);
@@ -866,18 +877,23 @@ impl fmt::Display for Report {
                 cpu_us
             )?;
         }
-        writeln!(f, "\nstdout throughput, {:>5} MiB          s      MB/s   ×pipe  agent CPU s  messages", bytes >> 20)?;
+        writeln!(
+            f,
+            "\nstdout throughput, {:>5} MiB          s      MB/s   ×pipe  CPU s agent/client  messages",
+            bytes >> 20
+        )?;
         writeln!(f, "  {:<30} {:>7.3} {:>9.1} {:>7.3}", "local pipe (head | cat)", self.pipe_s, pipe, 1.0)?;
         for r in &self.tp_rows {
             let mbs = mb_per_s(bytes, r.secs);
             writeln!(
                 f,
-                "  {:<30} {:>7.3} {:>9.1} {:>7.3} {:>12.2} {:>9}",
+                "  {:<30} {:>7.3} {:>9.1} {:>7.3} {:>11.2} / {:<5.2} {:>9}",
                 r.transport.to_string(),
                 r.secs,
                 mbs,
                 mbs / pipe,
                 r.cpu,
+                r.client_cpu,
                 r.messages
             )?;
         }

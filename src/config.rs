@@ -6,9 +6,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::boot::{StartConfig, StartConfigError};
 
 /// Port E2B's SDKs and orchestrator expect the agent on.
 pub const DEFAULT_PORT: u16 = 49983;
@@ -32,6 +36,74 @@ pub struct Args {
     /// Log format on stderr. The filter comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// The template's start command, run once per boot as `bash -l -c CMD` with tag `start_cmd`.
+    #[arg(long, value_name = "CMD")]
+    pub start_cmd: Option<String>,
+
+    /// Working directory of the start command [default: the user's home].
+    #[arg(long, value_name = "DIR")]
+    pub start_cwd: Option<String>,
+
+    /// User the start command runs as [default: the default user].
+    #[arg(long, value_name = "NAME")]
+    pub start_user: Option<String>,
+
+    /// Command polled every second (up to 10 min) until it exits 0; then `/ready` answers 200.
+    #[arg(long, value_name = "CMD")]
+    pub ready_cmd: Option<String>,
+
+    /// Start the start command only after the first `POST /init` (so its env vars reach it),
+    /// waiting at most TIMEOUT (`90`, `90s`, `2m`; default 60s).
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "60s", value_parser = parse_duration)]
+    pub start_after_init: Option<Duration>,
+
+    /// Start-command config file (`key = value` lines: cmd, cwd, user, ready_cmd).
+    #[arg(long, value_name = "PATH", default_value = crate::boot::CONFIG_FILE)]
+    pub start_config: PathBuf,
+
+    /// envd drop-in (`-port N`): serve TCP on 0.0.0.0:N instead of the --listen addresses.
+    #[arg(long, hide = true, value_name = "N")]
+    pub port: Option<u16>,
+
+    /// envd drop-in (`-isnotfc`): not in Firecracker; sets E2B_SANDBOX=false.
+    #[arg(long, hide = true)]
+    pub isnotfc: bool,
+
+    /// envd drop-in (`-version`): print the envd protocol version guestd implements and exit.
+    #[arg(long, hide = true)]
+    pub envd_version: bool,
+}
+
+/// Rewrites envd's Go-style single-dash flags (`-port 49983`, `-port=49983`, `-isnotfc`,
+/// `-version`, `-cmd CMD`) into guestd's, so a template that runs `/usr/bin/envd` works with
+/// guestd in its place.
+pub fn translate_envd_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| {
+            let Some(flag) = arg.strip_prefix('-').filter(|f| !f.starts_with('-')) else { return arg };
+            let (name, value) = flag.split_once('=').map_or((flag, None), |(n, v)| (n, Some(v)));
+            let mapped = match name {
+                "port" => "--port",
+                "isnotfc" => "--isnotfc",
+                "version" => "--envd-version",
+                "cmd" => "--start-cmd",
+                _ => return arg,
+            };
+            value.map_or_else(|| mapped.to_owned(), |v| format!("{mapped}={v}"))
+        })
+        .collect()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration '{s}': expected e.g. 90, 90s or 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in '{s}': use ms, s or m")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,6 +166,10 @@ pub trait Environment {
     fn var(&self, key: &str) -> Option<String>;
     fn is_root(&self) -> bool;
     fn current_user(&self) -> Option<String>;
+    /// The kernel command line, when guestd runs in a VM.
+    fn kernel_cmdline(&self) -> Option<String>;
+    /// Whether guestd runs inside a container (rather than a VM or on bare metal).
+    fn in_container(&self) -> bool;
 }
 
 /// The real environment of the guestd process.
@@ -112,6 +188,17 @@ impl Environment for ProcessEnvironment {
     fn current_user(&self) -> Option<String> {
         nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten().map(|u| u.name)
     }
+
+    fn kernel_cmdline(&self) -> Option<String> {
+        std::fs::read_to_string("/proc/cmdline").ok()
+    }
+
+    fn in_container(&self) -> bool {
+        // Docker and Podman mark their containers so; `container=` is set by systemd-nspawn, LXC, Podman.
+        std::path::Path::new("/.dockerenv").exists()
+            || std::path::Path::new("/run/.containerenv").exists()
+            || std::env::var_os("container").is_some()
+    }
 }
 
 /// Validated configuration of one guestd instance.
@@ -123,6 +210,10 @@ pub struct Config {
     /// `$PATH` given to every child process.
     pub path_env: String,
     pub log_format: LogFormat,
+    /// Value of the internal `E2B_SANDBOX` env var (false with envd's `-isnotfc`).
+    pub in_sandbox: bool,
+    /// The start command as configured at startup (flags > config file > kernel command line).
+    pub start: StartConfig,
 }
 
 /// Configuration that cannot work.
@@ -130,6 +221,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error("no --default-user given and the current user has no passwd entry")]
     NoDefaultUser,
+    #[error("start command configuration")]
+    StartConfig(#[from] StartConfigError),
 }
 
 impl Config {
@@ -139,11 +232,35 @@ impl Config {
             None if env.is_root() => "root".to_owned(),
             None => env.current_user().ok_or(ConfigError::NoDefaultUser)?,
         };
+        let flags = StartConfig {
+            cmd: args.start_cmd,
+            cwd: args.start_cwd,
+            user: args.start_user,
+            ready_cmd: args.ready_cmd,
+            ..StartConfig::default()
+        };
+        let file = crate::boot::read_config_file(&args.start_config)?;
+        // The kernel command line is the VM's; a container shares its host's and must ignore it.
+        let kernel = match env.in_container() {
+            false => env.kernel_cmdline().map(|c| crate::boot::from_kernel_cmdline(&c)).unwrap_or_default(),
+            true => StartConfig::default(),
+        };
+        let start = StartConfig {
+            after_init: args.start_after_init,
+            marker: PathBuf::from(crate::boot::RAN_MARKER),
+            ..flags.or(file).or(kernel)
+        };
+        let listen = match args.port {
+            Some(port) => vec![ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], port)))],
+            None => args.listen,
+        };
         Ok(Config {
-            listen: args.listen,
+            listen,
             default_user,
             path_env: env.var("PATH").filter(|p| !p.is_empty()).unwrap_or_else(|| DEFAULT_PATH.to_owned()),
             log_format: args.log_format,
+            in_sandbox: !args.isnotfc,
+            start,
         })
     }
 
@@ -154,6 +271,11 @@ impl Config {
             default_user: default_user.to_owned(),
             path_env: DEFAULT_PATH.to_owned(),
             log_format: LogFormat::Text,
+            in_sandbox: true,
+            start: StartConfig {
+                marker: std::env::temp_dir().join(format!("guestd-start-{}", std::process::id())),
+                ..StartConfig::default()
+            },
         }
     }
 }
@@ -176,6 +298,12 @@ mod tests {
         }
         fn current_user(&self) -> Option<String> {
             Some("alice".into())
+        }
+        fn kernel_cmdline(&self) -> Option<String> {
+            Some("console=ttyS0 guestd.start_cmd=\"sleep 5\"".into())
+        }
+        fn in_container(&self) -> bool {
+            !self.root
         }
     }
 

@@ -10,17 +10,22 @@
 //! | [`server`] | binding TCP/vsock listeners, the accept loop, the service stack, shutdown |
 //! | [`connect`] | the Connect protocol (JSON/proto, unary/streams) translated to gRPC in front of tonic |
 //! | [`rpc`] | tonic service implementations: decode → authorize → call domain → encode |
-//! | [`http`] | plain HTTP routes on the same port (`/health`) |
+//! | [`http`] | plain HTTP routes on the same port (`/health`, `/ready`, `/init`, `/envs`, `/metrics`, `/files`) and the access-token gate |
+//! | [`boot`] | the template's start command: once per boot, ready command, `/ready` |
+//! | [`host`] | machine facts for `/metrics` |
 //! | [`fs`] | the filesystem domain: EntryInfo, stat/list/mkdir/move/remove, xattr metadata, atomic uploads, streamed reads |
+//! | [`watch`] | directory watches (WatchDir, polling watchers): one shared inotify instance, per-watcher bounded queues |
 //! | [`process`] | the process table: spawn, PTY, output fan-out, signals, the one owner of `wait()` |
 //! | [`session`] | sandbox-wide defaults: default user, workdir, env vars |
 //! | [`users`], [`paths`] | passwd/group lookups; E2B's path resolution rules |
 //! | [`sys`] | the only module with `unsafe`: what runs between fork and exec |
 //! | [`proto`] | generated protobuf/tonic code (adapters only) |
 
+pub mod boot;
 pub mod config;
 pub mod connect;
 pub mod fs;
+pub mod host;
 pub mod http;
 pub mod paths;
 pub mod process;
@@ -30,9 +35,27 @@ pub mod server;
 pub mod session;
 pub mod sys;
 pub mod users;
+pub mod watch;
 
 /// The domain state every request works on.
 pub struct Agent {
     pub processes: process::ProcessManager,
     pub session: session::Session,
+    /// The guest clock `/init` steps (a trait object so tests can use a fake).
+    pub clock: std::sync::Arc<dyn session::Clock>,
+    pub boot: std::sync::Arc<boot::Boot>,
+    pub metrics: host::MetricsSource,
+}
+
+/// "what failed: why: root cause": an error and every `source()` below it, for messages a user
+/// reads and for logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }

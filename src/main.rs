@@ -3,11 +3,20 @@
 
 use anyhow::Context;
 use clap::Parser;
-use guestd::config::{Args, Config, LogFormat, ProcessEnvironment};
+use guestd::config::{Args, Config, LogFormat, ProcessEnvironment, translate_envd_flags};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::from_args(Args::parse(), &ProcessEnvironment)?;
+    let args = Args::parse_from(translate_envd_flags(std::env::args()));
+    if args.envd_version {
+        // The template builder runs `envd -version` and gates SDK features on the answer.
+        #[allow(clippy::print_stdout, reason = "the answer goes to stdout, as envd's does")]
+        {
+            println!("{}", guestd::http::ENVD_VERSION);
+        }
+        return Ok(());
+    }
+    let config = Config::from_args(args, &ProcessEnvironment)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {

@@ -3,9 +3,9 @@
 //! builder:
 //!
 //! ```text
-//! accept ─► hyper (h1 | h2c) ─► ConnectLayer ─► GrpcDeadlineLayer ─► axum Router
-//!                                  │ Connect → gRPC                  ├─ tonic: process, filesystem, reflection
-//!                                  └ gRPC passes through             └─ plain HTTP: /health, …
+//! accept ─► hyper (h1 | h2c) ─► AccessLayer ─► ConnectLayer ─► GrpcDeadlineLayer ─► axum Router
+//!                                 token gate      │ Connect → gRPC                  ├─ tonic: process, filesystem, reflection
+//!                                                 └ gRPC passes through             └─ plain HTTP: /health, /init, /files, …
 //! ```
 //!
 //! Startup is phased: [`Server::bind`] binds every address first (so a bad address fails before
@@ -32,9 +32,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use crate::boot::Boot;
 use crate::config::{Config, ListenAddr};
+use crate::host::MetricsSource;
 use crate::process::{ManagerConfig, ProcessManager};
-use crate::session::Session;
+use crate::session::{Session, SystemClock};
 use crate::{Agent, http, rpc};
 
 /// How long connections and then processes get to finish once shutdown starts.
@@ -88,12 +90,16 @@ impl Server {
             };
             listeners.push(bound.map_err(|source| BindError { addr, source })?);
         }
+        let internal_env = [("E2B_SANDBOX".to_owned(), config.in_sandbox.to_string())].into();
         let agent = Arc::new(Agent {
             processes: ProcessManager::new(ManagerConfig {
                 path_env: config.path_env.clone(),
                 retention: PROCESS_RETENTION,
             }),
-            session: Session::new(config.default_user.clone()),
+            session: Session::with_internal_env(config.default_user.clone(), internal_env),
+            clock: Arc::new(SystemClock),
+            boot: Arc::new(Boot::new(config.start.clone())),
+            metrics: MetricsSource::new(),
         });
         Ok(Server { listeners, agent })
     }
@@ -130,9 +136,13 @@ impl Server {
                 Listener::Vsock(l) => tracker.spawn(accept_loop(Vsock(l), ctx, stop)),
             };
         }
+        let boot = self.agent.boot.clone();
+        let boot_task = tokio::spawn(boot.run(self.agent.processes.clone(), self.agent.session.clone()));
         shutdown.await;
         info!("shutting down");
         let _ = stop_tx.send(true);
+        // The boot task may be waiting for an /init that will never come.
+        boot_task.abort();
         tracker.close();
         // Each accept loop drains its own connections within the grace period.
         tracker.wait().await;
@@ -145,10 +155,12 @@ impl Server {
 type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
 
 fn service(agent: Arc<Agent>) -> Service {
-    let router = http::routes(rpc::router(agent));
+    let session = agent.session.clone();
+    let router = http::routes(agent.clone(), rpc::router(agent));
     let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .expect("the embedded descriptor set is valid: it was produced by the build script");
     let stack = tower::ServiceBuilder::new()
+        .layer(http::auth::AccessLayer::new(session))
         .layer(crate::connect::ConnectLayer::new(pool))
         .layer(crate::connect::GrpcDeadlineLayer)
         .service(router);

@@ -97,7 +97,10 @@ impl Process for Fake {
             }
             "fail-before" => return Err(Status::not_found("no such command: fail-before")),
             "fail-after" => {
-                Box::pin(futures_util::stream::iter([started, Err(Status::failed_precondition("stopped after start"))]))
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert("x-reason", "scripted".parse().unwrap());
+                let err = Status::with_metadata(tonic::Code::FailedPrecondition, "stopped after start", md);
+                Box::pin(futures_util::stream::iter([started, Err(err)]))
             }
             // Start, then wait until the test releases it, then end.
             "wait" => {
@@ -730,7 +733,13 @@ async fn server_stream_error_at_end() {
         json_envelopes(&body),
         [
             (0, json(r#"{"event":{"start":{"pid":1}}}"#)),
-            (2, json(r#"{"error":{"code":"failed_precondition","message":"stopped after start"}}"#)),
+            (
+                2,
+                json(
+                    r#"{"error":{"code":"failed_precondition","message":"stopped after start"},
+                    "metadata":{"x-reason":["scripted"]}}"#
+                )
+            ),
         ]
     );
 }

@@ -11,7 +11,7 @@
 //! | `/pkg.Service/Unknown` under a known service | 404, Connect JSON error `unimplemented` (envd answers 404 here; the body lets Connect clients read the code) |
 //! | RPC path, method other than POST | 405, `Allow: POST` (no method is NO_SIDE_EFFECTS, so no Connect GET) |
 //! | RPC path, content type not Connect for that method's stream kind | 415, `Accept-Post` |
-//! | RPC path, Connect content type | translated Connect ⇄ gRPC ([`request`], [`response`]) |
+//! | RPC path, Connect content type | translated Connect ⇄ gRPC (`request.rs`, `response.rs`) |
 //!
 //! Invariants: the layer never panics on client input, never buffers more than
 //! [`MAX_MESSAGE_BYTES`] of one client message (length prefixes are checked before
@@ -34,8 +34,9 @@
 //! let svc = tower::ServiceBuilder::new()
 //!     .layer(connect::ConnectLayer::new(pool))
 //!     .layer(connect::GrpcDeadlineLayer::new())
-//!     .service(router);
-//! // hand `TowerToHyperService::new(svc.clone())` to hyper-util's auto::Builder per connection
+//!     .service(router)
+//!     .map_request(|r: http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new));
+//! // per connection: auto::Builder (http1 + http2 timers set) with TowerToHyperService::new(svc.clone())
 //! ```
 
 mod base64_fast;
@@ -63,8 +64,7 @@ use tower::ServiceExt as _;
 use self::codec::{Codec, MethodCodec};
 use self::compression::Encoding;
 pub use self::deadline::{GrpcDeadline, GrpcDeadlineLayer, parse_grpc_timeout, request_timeout};
-use self::error::ConnectProtocolError;
-pub use self::error::{Code, WireError};
+pub use self::error::{Code, ConnectProtocolError, WireError};
 
 /// Largest client message accepted, in bytes, on the wire and after decompression.
 ///

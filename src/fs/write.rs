@@ -285,9 +285,11 @@ mod tests {
             assert_eq!(read, BTreeMap::from([("k".to_owned(), "v".to_owned())]));
         }
         let new_mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-        nix::sys::stat::umask(umask);
-        assert_eq!(new_mode, 0o666 & !umask.bits());
+        // Read the umask from procfs: setting it to probe would race with parallel tests.
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap().trim();
+        let umask = u32::from_str_radix(umask, 8).unwrap();
+        assert_eq!(new_mode, 0o666 & !umask);
     }
 
     #[tokio::test]

@@ -1,23 +1,83 @@
-//! Plain HTTP routes served beside the RPC services on the same port.
-//!
-//! Only `/health` for now; `/files`, `/init`, `/envs` and `/metrics` arrive with their issues.
+//! Plain HTTP routes served beside the RPC services on the same port: `/health`, `/ready`,
+//! `/init`, `/envs`, `/metrics`, `/files`; plus the access-token gate ([`auth`]) that sits in
+//! front of everything. Handlers parse, call the domain, and answer in envd's formats.
+
+pub mod auth;
+pub mod files;
+mod init;
+
+use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 
-/// Plain HTTP routes, merged into the RPC router by `crate::server`.
-pub fn routes(router: Router) -> Router {
-    router.route("/health", get(health)).fallback(not_found)
+pub use self::init::ENVD_VERSION;
+use crate::Agent;
+
+/// Adds the plain HTTP routes to the RPC router built by `crate::rpc`.
+pub fn routes(agent: Arc<Agent>, rpc: Router) -> Router {
+    let files = files::method_router(files::FilesState { session: agent.session.clone() });
+    let plain = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/init", post(init::post_init))
+        .route("/envs", get(envs))
+        .route("/metrics", get(metrics))
+        .with_state(agent)
+        .route("/files", files);
+    rpc.merge(plain).fallback(not_found)
 }
 
 /// 204 once guestd is serving (envd answers the same; orchestrators poll it).
 async fn health() -> impl IntoResponse {
-    (StatusCode::NO_CONTENT, [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))])
+    (StatusCode::NO_CONTENT, [no_store()])
+}
+
+/// guestd extension: 200 once the start command is ready, else 503; both with a JSON status.
+async fn ready(State(agent): State<Arc<Agent>>) -> Response {
+    let readiness = agent.boot.readiness(agent.session.restore_epoch());
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, &readiness)
+}
+
+/// Every env var processes get (internal and `/init` ones), as a JSON object.
+async fn envs(State(agent): State<Arc<Agent>>) -> Response {
+    json_response(StatusCode::OK, &agent.session.env_map())
+}
+
+/// Host CPU, memory and disk use, computed on request (envd's fields and order).
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    match agent.metrics.collect() {
+        Ok(m) => json_response(StatusCode::OK, &m),
+        Err(err) => {
+            tracing::warn!(error = %crate::error_chain(&err), "cannot collect metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, [no_store()]).into_response()
+        }
+    }
 }
 
 /// tonic's own fallback answers HTTP 200 + grpc-status 12, which plain HTTP clients misread.
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "404 page not found\n")
+}
+
+fn no_store() -> (header::HeaderName, HeaderValue) {
+    (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
+}
+
+/// A JSON response with `Cache-Control: no-store`, as envd's API answers.
+pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json")), no_store()], bytes).into_response()
+}
+
+/// envd's API error: `{"code":<status>,"message":"..."}`.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
+    let mut response = json_response(status, &serde_json::json!({"code": status.as_u16(), "message": message}));
+    response.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    response
 }

@@ -147,6 +147,10 @@ pub struct StartSpec {
     /// Process lifetime: when it expires the whole process group gets SIGKILL. `Some(0)` means
     /// no limit, like envd's `Connect-Timeout-Ms: 0`.
     pub timeout: Option<Duration>,
+    /// Keep output for late subscribers: every `connect` replays from the oldest retained byte
+    /// (the last [`output::REPLAY_TAIL`] bytes) instead of only new output. Used for the boot
+    /// start command, whose output a host reads after the fact.
+    pub replay: bool,
 }
 
 /// One entry of [`ProcessManager::list`].
@@ -291,6 +295,8 @@ struct Proc {
     seq: u64,
     tag: Option<String>,
     command: CommandSpec,
+    /// `connect` replays retained output instead of starting at the tail.
+    replay: bool,
     log: Arc<OutputLog>,
     input: ProcInput,
     /// A SIGTERM/SIGKILL was sent by us: publish End as soon as the leader is reaped.
@@ -399,7 +405,8 @@ impl ProcessManager {
                 source: std::io::Error::other("guestd is shutting down"),
             });
         }
-        let log = OutputLog::new(self.inner.limits);
+        let limits = if spec.replay { self.inner.limits.with_replay_tail() } else { self.inner.limits };
+        let log = OutputLog::new(limits);
         let events = log.subscribe_at_tail();
         let launched = spawn::launch(&self.inner.cfg.path_env, &spec)?;
         let pid = launched.pid;
@@ -419,6 +426,7 @@ impl ProcessManager {
             seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
             tag: spec.tag,
             command: spec.command,
+            replay: spec.replay,
             log: Arc::clone(&log),
             input,
             cut: CancellationToken::new(),
@@ -448,7 +456,8 @@ impl ProcessManager {
     pub fn connect(&self, sel: &Selector) -> Result<Attached, ProcessError> {
         let mut table = self.inner.table();
         if let Some(proc) = table.find_live(sel) {
-            return Ok(Attached { pid: proc.pid, events: proc.log.subscribe_at_tail() });
+            let events = if proc.replay { proc.log.subscribe_from_oldest() } else { proc.log.subscribe_at_tail() };
+            return Ok(Attached { pid: proc.pid, events });
         }
         if let Some(finished) = table.find_finished(sel, Instant::now()) {
             return Ok(Attached { pid: finished.pid, events: Subscription::ended(finished.status.clone()) });

@@ -46,6 +46,10 @@ pub(crate) const SUBSCRIBER_WINDOW: u64 = 4 * 1024 * 1024;
 /// build log; it is resident for every live process, hence smaller than the window.
 pub(crate) const RETAINED_TAIL: u64 = 1024 * 1024;
 
+/// Output kept for processes started with `replay` (the boot start command), so a host that
+/// connects after the fact sees what it printed: 4 MiB holds any realistic startup log.
+pub(crate) const REPLAY_TAIL: u64 = 4 * 1024 * 1024;
+
 /// A subscriber that alone holds the pumps back and reads nothing for this long is evicted.
 /// 30 s outlasts GC pauses, TCP retransmission backoff and a suspended laptop's short naps, but
 /// not a dead connection the kernel has not noticed yet.
@@ -65,6 +69,13 @@ pub(crate) struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self { window: SUBSCRIBER_WINDOW, tail: RETAINED_TAIL, stall: STALL_TIMEOUT }
+    }
+}
+
+impl Limits {
+    /// The same limits with the larger tail of replayed processes.
+    pub(crate) fn with_replay_tail(self) -> Self {
+        Self { tail: self.tail.max(REPLAY_TAIL), ..self }
     }
 }
 
@@ -258,7 +269,6 @@ impl OutputLog {
     }
 
     /// Subscribes from the oldest retained chunk, replaying up to [`RETAINED_TAIL`] of output.
-    #[cfg_attr(not(test), expect(dead_code, reason = "replay of a start command's output is planned"))]
     pub(crate) fn subscribe_from_oldest(self: &Arc<Self>) -> Subscription {
         let mut st = self.lock();
         let cursor = st.first_seq;

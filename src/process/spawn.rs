@@ -248,6 +248,7 @@ mod tests {
             tag: None,
             stdin: false,
             timeout: None,
+            replay: false,
         }
     }
 

@@ -72,6 +72,7 @@ impl Process for ProcessRpc {
             // envd: an absent `stdin` means a pipe, for clients older than the flag.
             stdin: req.stdin.unwrap_or(true),
             timeout,
+            replay: false,
         };
         let attached = self.agent.processes.start(spec).await?;
         let events = process_events(attached, keepalive).map(|e| e.map(|event| StartResponse { event: Some(event) }));

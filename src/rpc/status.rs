@@ -22,24 +22,12 @@ impl From<ProcessError> for Status {
             }
             ProcessError::Write { .. } | ProcessError::Signal { .. } | ProcessError::Resize { .. } => Code::Internal,
         };
-        Status::new(code, error_chain(&err))
+        Status::new(code, crate::error_chain(&err))
     }
 }
 
 impl From<PathError> for Status {
     fn from(err: PathError) -> Status {
-        Status::invalid_argument(error_chain(&err))
+        Status::invalid_argument(crate::error_chain(&err))
     }
-}
-
-/// "what failed: why: root cause" — the message a user sees names every cause in the chain.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -9,6 +9,8 @@
 //! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
 //! denied crate-wide.
 
+pub mod clock;
+pub mod entropy;
 pub mod fd;
 pub mod pty;
 pub mod spawn;

@@ -44,7 +44,7 @@ pub fn set_window_size(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Resu
     Ok(())
 }
 
-/// `TIOCGWINSZ`: the current window size as `(cols, rows)`.
+/// `TIOCGWINSZ`: the current window size as `(cols, rows)` (either side of the PTY).
 pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
     let mut size = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCGWINSZ writes one `struct winsize` through the pointer, which points to a live
@@ -54,4 +54,17 @@ pub fn window_size(fd: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
         return Err(io::Error::last_os_error());
     }
     Ok((size.ws_col, size.ws_row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slave_sees_the_requested_and_resized_window() {
+        let pair = open_pty(100, 30).unwrap();
+        assert_eq!(window_size(pair.slave.as_fd()).unwrap(), (100, 30));
+        set_window_size(pair.master.as_fd(), 120, 50).unwrap();
+        assert_eq!(window_size(pair.slave.as_fd()).unwrap(), (120, 50));
+    }
 }

@@ -19,7 +19,18 @@ from e2b import (
 )
 
 from conftest import LEAK_VAR, running_as_root
-from helpers import MARK, marked, marked_procs, pid_running, sleeper, wait_gone, wait_until
+from helpers import (
+    MARK,
+    expect_start,
+    marked,
+    marked_procs,
+    pid_running,
+    raw_process_client,
+    sleeper,
+    start_request,
+    wait_gone,
+    wait_until,
+)
 
 # ---------------------------------------------------------------------------------------------
 # foreground / background basics
@@ -48,6 +59,25 @@ def test_non_zero_exit_raises_command_exit_exception(sandbox):
     assert e.stdout == "partial\n"
     assert e.stderr == "boom\n"
     assert e.error == "exit status 3"
+
+
+def test_command_killed_by_signal_reports_it(sandbox):
+    with pytest.raises(CommandExitException) as info:
+        sandbox.commands.run("echo last; kill -TERM $$")
+    assert info.value.exit_code == -1
+    assert info.value.error == "signal: terminated"
+    assert info.value.stdout == "last\n"
+
+
+def test_concurrent_commands_keep_their_output_apart(sandbox):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int):
+        return sandbox.commands.run(f"for k in 1 2 3; do echo {i}-$k; sleep 0.05; done; exit 0").stdout
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(32)))
+    assert results == [f"{i}-1\n{i}-2\n{i}-3\n" for i in range(32)]
 
 
 def test_unknown_command_is_exit_127_not_an_rpc_error(sandbox):
@@ -146,6 +176,25 @@ def test_cwd_sets_the_working_directory(sandbox, tmp_path):
     assert r.stdout == f"{d}\n"
 
 
+def test_envs_override_the_defaults(sandbox):
+    r = sandbox.commands.run('echo "$HOME|$USER"', envs={"HOME": "/custom-home", "USER": "someone"})
+    assert r.stdout == "/custom-home|someone\n"
+
+
+def test_cwd_that_is_a_file_is_invalid_argument(sandbox, tmp_path):
+    f = tmp_path / "plain-file"
+    f.write_text("x")
+    with pytest.raises(InvalidArgumentException):
+        sandbox.commands.run("pwd", cwd=str(f))
+
+
+def test_unknown_user_is_authentication_error(sandbox):
+    from e2b import AuthenticationException
+
+    with pytest.raises(AuthenticationException):
+        sandbox.commands.run("id", user=f"nouser{MARK[-6:]}")
+
+
 def test_missing_cwd_is_invalid_argument(sandbox):
     with pytest.raises(InvalidArgumentException):
         sandbox.commands.run("pwd", cwd=f"/nonexistent/{MARK}")
@@ -181,6 +230,13 @@ def test_created_user_needs_root(sandbox, test_user):
     assert lines[5] == test_user.name
     assert lines[6] == test_user.home, "default cwd is the user's home"
     assert lines[7] == test_user.name
+
+
+def test_relative_and_tilde_cwd_resolve_against_the_users_home_needs_root(sandbox, test_user):
+    sub = os.path.join(test_user.home, "sub dir")
+    os.makedirs(sub, exist_ok=True)
+    assert sandbox.commands.run("pwd", user=test_user.name, cwd="sub dir").stdout == f"{sub}\n"
+    assert sandbox.commands.run("pwd", user=test_user.name, cwd="~/sub dir").stdout == f"{sub}\n"
 
 
 def test_created_user_cannot_act_as_root_needs_root(sandbox, test_user):
@@ -280,6 +336,18 @@ def test_close_stdin_is_idempotent(sandbox):
     assert h.wait().exit_code == 0
 
 
+@pytest.mark.timeout(300)
+def test_large_stdin_arrives_intact(sandbox):
+    one_call = os.urandom(1024 * 1024)
+    streamed = [os.urandom(256 * 1024) for _ in range(16)]
+    expected = hashlib.sha256(one_call + b"".join(streamed)).hexdigest()
+    h = sandbox.commands.run("sha256sum", background=True, stdin=True, timeout=240)
+    h.send_stdin(one_call)
+    sandbox.commands.stream_input(h.pid, iter(streamed))
+    h.close_stdin()
+    assert h.wait().stdout == f"{expected}  -\n"
+
+
 def test_stream_input_client_stream(sandbox):
     """`commands.stream_input` is the SDK's client-streaming RPC (Process.StreamInput)."""
     h = sandbox.commands.run("cat; echo '<eof>'", background=True, stdin=True)
@@ -311,11 +379,35 @@ def test_list_shows_running_command_with_its_config(sandbox):
     assert h.pid not in [p.pid for p in sandbox.commands.list()], "an exited command is still listed"
 
 
+def test_list_shows_tag_of_command_started_by_another_client(sandbox, guestd):
+    # The SDK cannot tag commands; another Connect client (here: connectrpc) can, and the SDK's
+    # list must show the tag.
+    client = raw_process_client(guestd.url, "json", "identity")
+    tag = marked("sdk-list-tag")
+    stream = client.start(
+        start_request("/bin/bash", ["-l", "-c", sleeper("sdk-list-tag")], tag=tag), timeout_ms=30_000
+    )
+    pid = expect_start(stream)
+    try:
+        listed = {p.pid: p for p in sandbox.commands.list()}
+        assert listed[pid].tag == tag
+        assert listed[pid].args == ["-l", "-c", sleeper("sdk-list-tag")]
+    finally:
+        assert sandbox.commands.kill(pid) is True
+        stream.close()
+        client.close()
+    assert not wait_gone(marked("sdk-list-tag"))
+
+
 def test_connect_to_running_command_gets_later_output_and_end(sandbox):
     h = sandbox.commands.run(
         "echo before; read line; echo \"got $line\"; echo bye >&2; exit 4", background=True, stdin=True
     )
-    # Leave the Start stream (the SDK closes the HTTP connection); the command must keep running.
+    # Read until "before" came through the Start stream, then leave it (the SDK closes the HTTP
+    # connection); the command must keep running.
+    for stdout, _, _ in h:
+        if stdout and "before" in stdout:
+            break
     h.disconnect()
     assert pid_running(h.pid), "disconnecting the Start stream killed the command"
 
@@ -325,7 +417,8 @@ def test_connect_to_running_command_gets_later_output_and_end(sandbox):
     with pytest.raises(CommandExitException) as info:
         h2.wait()
     assert info.value.exit_code == 4
-    assert info.value.stdout == "got x\n", "Connect must deliver the output produced after it attached"
+    # rpc.md §4.3: Connect streams the output produced after it attached; nothing is replayed.
+    assert info.value.stdout == "got x\n"
     assert info.value.stderr == "bye\n"
 
 

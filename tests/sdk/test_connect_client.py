@@ -280,3 +280,45 @@ def test_h2c_prior_knowledge_all_rpc_shapes(guestd):
         assert r.stdout == b"over h2\n"
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# keepalives, protocol edge cases (one codec is enough)
+
+
+def test_keepalive_ping_interval_header(guestd):
+    client = raw_process_client(guestd.url, "json", "identity")
+    try:
+        stream = client.start(
+            start_request("/bin/sh", ["-c", "sleep 2.5; echo done"]),
+            headers={"Keepalive-Ping-Interval": "1"},
+            timeout_ms=STREAM_TIMEOUT_MS,
+        )
+        expect_start(stream)
+        r = drain(stream)
+        assert r.stdout == b"done\n"
+        assert r.kinds.count("keepalive") >= 2, f"events: {r.kinds}"
+        # rpc.md §7.2: envd crashes on an interval <= 0; guestd must treat it as the default.
+        for bad in ("0", "-5", "soon"):
+            stream = client.start(
+                start_request("/bin/echo", ["ok"]), headers={"Keepalive-Ping-Interval": bad}, timeout_ms=STREAM_TIMEOUT_MS
+            )
+            expect_start(stream)
+            assert drain(stream).stdout == b"ok\n"
+        client.list(process_pb.ListRequest())  # still alive
+    finally:
+        client.close()
+
+
+def test_stream_input_data_before_start_is_an_error_not_a_dropped_connection(guestd):
+    client = raw_process_client(guestd.url, "json", "identity")
+    try:
+        msg = process_pb.StreamInputRequest(
+            event=Oneof("data", process_pb.StreamInputRequest.DataEvent(input=stdin_input(b"x")))
+        )
+        with pytest.raises(ConnectError) as info:
+            client.stream_input(iter([msg]), timeout_ms=STREAM_TIMEOUT_MS)
+        # rpc.md §7.3: envd panics here (connection dropped, UNAVAILABLE on the client).
+        assert info.value.code in (Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT), info.value
+    finally:
+        client.close()
