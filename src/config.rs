@@ -95,6 +95,13 @@ pub fn translate_envd_flags(args: impl IntoIterator<Item = String>) -> Vec<Strin
         .collect()
 }
 
+/// A once-per-boot marker path of its own for each embedded instance (tests run many at once).
+fn unique_marker() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("guestd-start-{}-{n}", std::process::id()))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
     let n: u64 = number.parse().map_err(|_| format!("invalid duration '{s}': expected e.g. 90, 90s or 2m"))?;
@@ -272,10 +279,7 @@ impl Config {
             path_env: DEFAULT_PATH.to_owned(),
             log_format: LogFormat::Text,
             in_sandbox: true,
-            start: StartConfig {
-                marker: std::env::temp_dir().join(format!("guestd-start-{}", std::process::id())),
-                ..StartConfig::default()
-            },
+            start: StartConfig { marker: unique_marker(), ..StartConfig::default() },
         }
     }
 }

@@ -134,6 +134,47 @@ async fn mkdir_p_through_a_shell_is_reported_once() {
 }
 
 #[tokio::test]
+async fn a_burst_of_nested_directories_and_files_is_reported_completely_and_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager();
+    let mut s = m.watch(dir.path(), recursive()).unwrap();
+
+    let root = dir.path().to_path_buf();
+    let expected = tokio::task::spawn_blocking(move || {
+        let mut made = Vec::new();
+        for a in 0..4 {
+            for b in 0..4 {
+                for c in 0..3 {
+                    let rel = format!("d{a}/e{b}/f{c}");
+                    fs::create_dir_all(root.join(&rel)).unwrap();
+                    for f in 0..4 {
+                        fs::File::create(root.join(format!("{rel}/file{f}"))).unwrap();
+                        made.push(format!("{rel}/file{f}"));
+                    }
+                    made.push(rel);
+                }
+                made.push(format!("d{a}/e{b}"));
+            }
+            made.push(format!("d{a}"));
+        }
+        made.sort();
+        made
+    })
+    .await
+    .unwrap();
+
+    let mut created = Vec::new();
+    while let Ok(Some(event)) = timeout(QUIET, s.next()).await {
+        let event = event.unwrap();
+        assert_eq!(event.kind, Create, "{event:?}");
+        created.push(event.name);
+    }
+    created.sort();
+    assert_eq!(created, expected);
+    assert_eq!(m.watched_directories(), 1 + 4 + 16 + 48);
+}
+
+#[tokio::test]
 async fn directory_moved_in_reports_its_contents_and_is_watched() {
     let outside = tempfile::tempdir().unwrap();
     fs::create_dir_all(outside.path().join("x/y")).unwrap();
@@ -357,12 +398,18 @@ async fn a_stalled_watcher_ends_alone_and_never_holds_back_another() {
     let mut live = m.watch(dir.path(), WatchOptions::default()).unwrap();
     assert_eq!(m.watched_directories(), 1, "one kernel watch for both");
 
-    for i in 0..100 {
-        fs::File::create(dir.path().join(format!("f{i:03}"))).unwrap();
-    }
+    // Paced so the live reader (same queue size) keeps up; nobody reads the stalled one.
+    let root = dir.path().to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || {
+        for i in 0..100 {
+            fs::File::create(root.join(format!("f{i:03}"))).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
     for i in 0..100 {
         assert_eq!(next_n(&mut live, 1).await, [ev(Create, &format!("f{i:03}"))]);
     }
+    writer.await.unwrap();
 
     // The stalled one gets what fit in its queue, then an error naming the overflow, then the end.
     for i in 0..16 {
@@ -401,15 +448,20 @@ async fn polling_watcher_buffers_events_until_taken() {
     assert!(id.starts_with('w') && id[1..].bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()), "{id}");
     assert!(m.take_events(&id).unwrap().is_empty());
 
+    let mut events = Vec::new();
+    let take_until = |events: &mut Vec<FsEvent>, n: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while events.len() < n && std::time::Instant::now() < deadline {
+            events.extend(m.take_events(&id).unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     fs::create_dir(dir.path().join("d")).unwrap();
+    // Once CREATE d is out, d is watched (before, a file created and removed in d could be missed).
+    take_until(&mut events, 1);
     fs::write(dir.path().join("d/f"), b"abc").unwrap();
     fs::remove_file(dir.path().join("d/f")).unwrap();
-    let mut events = Vec::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    while events.len() < 4 && std::time::Instant::now() < deadline {
-        events.extend(m.take_events(&id).unwrap());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    take_until(&mut events, 4);
     let seen: Vec<_> = events.iter().map(|e| (e.kind, e.name.clone())).collect();
     assert_eq!(seen, [ev(Create, "d"), ev(Create, "d/f"), ev(Write, "d/f"), ev(Remove, "d/f")]);
     assert!(events[0].entry.is_some(), "the directory still exists");

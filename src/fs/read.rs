@@ -88,16 +88,13 @@ impl ReadableFile {
                 .await
                 .unwrap_or_else(|join| Err(io::Error::other(join)));
             match read {
-                Ok(chunk) if chunk.is_empty() => match cursor.remaining {
-                    None => None,
-                    Some(left) => Some((
-                        Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("file shrank while being read: {left} bytes missing"),
-                        )),
-                        None,
-                    )),
-                },
+                Ok(chunk) if chunk.is_empty() => cursor.remaining.map(|left| {
+                    let shrank = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("file shrank while being read: {left} bytes missing"),
+                    );
+                    (Err(shrank), None)
+                }),
                 Ok(chunk) => {
                     cursor.offset += chunk.len() as u64;
                     if let Some(left) = cursor.remaining.as_mut() {

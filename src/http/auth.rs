@@ -120,6 +120,19 @@ fn check_basic_user<B>(req: &Request<B>) -> Result<(), AccessError> {
     }
 }
 
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Native gRPC clients read refusals from `grpc-status`, not from the HTTP status: a
+/// trailers-only UNAUTHENTICATED response.
+fn grpc_unauthenticated(message: &str) -> Response {
+    tonic::Status::unauthenticated(message).into_http()
+}
+
 /// `/pkg.Service/Method`: the first segment of an RPC path names a package-qualified service.
 fn is_rpc_path(path: &str) -> bool {
     path.strip_prefix('/').and_then(|p| p.split_once('/')).is_some_and(|(service, _)| service.contains('.'))
@@ -166,6 +179,7 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         match check(&req, self.session.token().as_ref(), SystemTime::now()) {
             Ok(()) => Box::pin(self.inner.call(req)),
+            Err(err) if is_grpc(&req) => Box::pin(std::future::ready(Ok(grpc_unauthenticated(&err.to_string())))),
             Err(err @ AccessError::UnknownUser(_)) => {
                 // envd's authn middleware answers in Connect's error shape, not its API one.
                 let body = serde_json::json!({"code": "unauthenticated", "message": err.to_string()});

@@ -18,6 +18,15 @@ pub(crate) fn request_user(md: &MetadataMap, defaults: &Defaults) -> Result<User
     }
 }
 
+/// Interceptor on every RPC: a Basic-auth username that names no user is `unauthenticated`,
+/// whether or not the method acts as a user (envd's authn middleware runs for every request).
+pub(crate) fn known_basic_user(request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+    if let Some(name) = basic_username(request.metadata())? {
+        users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}")))?;
+    }
+    Ok(request)
+}
+
 /// The username of a Basic `Authorization` header; `None` when there is no Basic header.
 fn basic_username(md: &MetadataMap) -> Result<Option<String>, Status> {
     let Some(value) = md.get("authorization") else { return Ok(None) };

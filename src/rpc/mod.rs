@@ -22,10 +22,13 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor set is valid: it was produced by the build script");
-    tonic::service::Routes::new(proto::process::process_server::ProcessServer::from_arc(Arc::new(
+    let process = proto::process::process_server::ProcessServer::with_interceptor(
         process::ProcessRpc::new(agent.clone()),
-    )))
-    .add_service(proto::filesystem::filesystem_server::FilesystemServer::new(filesystem::FilesystemRpc))
-    .add_service(reflection)
-    .into_axum_router()
+        auth::known_basic_user,
+    );
+    let filesystem = proto::filesystem::filesystem_server::FilesystemServer::with_interceptor(
+        filesystem::FilesystemRpc,
+        auth::known_basic_user,
+    );
+    tonic::service::Routes::new(process).add_service(filesystem).add_service(reflection).into_axum_router()
 }

@@ -327,7 +327,7 @@ impl WatchStream {
             }
             match self.mailbox.pop() {
                 Some(Ok(event)) if self.include_entry && event.kind.carries_entry() => {
-                    let path = self.root.join(&event.rel);
+                    let path = event_path(&self.root, &event.rel);
                     let entry = tokio::task::spawn_blocking(move || entry::stat(&path));
                     self.pending = Some(Pending { event, entry });
                 }
@@ -346,6 +346,15 @@ impl Drop for WatchStream {
     fn drop(&mut self) {
         self.shared.tree().unsubscribe(&self.shared.inotify, self.sub);
         tracing::debug!(path = %self.root.display(), "watch stopped");
+    }
+}
+
+/// Where an event happened, spelled under the watched path as the client gave it (envd's
+/// `filepath.Join(watchPath, name)`): this is the `path` of its entry.
+fn event_path(root: &Path, rel: &Path) -> PathBuf {
+    match rel.as_os_str().is_empty() {
+        true => root.to_path_buf(),
+        false => root.join(rel),
     }
 }
 

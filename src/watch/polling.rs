@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::entry::{self, EntryInfo};
 use super::mailbox::{Mailbox, RawEvent};
 use super::tree::SubId;
-use super::{FsEvent, Shared, WatchError, WatchManager, WatchOptions};
+use super::{FsEvent, Shared, WatchError, WatchManager, WatchOptions, event_path};
 
 /// Length of the random part of a watcher id (envd: `"w"` + `uniuri.UUIDLen`).
 const ID_RANDOM_LEN: usize = 20;
@@ -121,7 +121,10 @@ fn with_entries(events: Vec<RawEvent>, root: &Path, include_entry: bool) -> Vec<
         .into_iter()
         .map(|event| {
             let entry = match include_entry && event.kind.carries_entry() {
-                true => entries.entry(event.rel.clone()).or_insert_with(|| entry::stat(&root.join(&event.rel))).clone(),
+                true => entries
+                    .entry(event.rel.clone())
+                    .or_insert_with(|| entry::stat(&event_path(root, &event.rel)))
+                    .clone(),
                 false => None,
             };
             FsEvent::new(event, entry)

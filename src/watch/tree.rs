@@ -65,6 +65,11 @@ const KINDS: [(AddWatchFlags, EventKind); 5] = [
 /// the record (IN_DELETE / IN_MOVED_FROM), so the value is not delicate.
 const SYNTHESIZED_GRACE: Duration = Duration::from_millis(100);
 
+/// Hard bound on a synthetic-CREATE record's life even if the kernel queue never runs empty
+/// (constant load): by then the reader has handled far more than a full kernel queue
+/// (`max_queued_events`) of later events, so the real event it guards is long past.
+const SYNTHESIZED_MAX_AGE: Duration = Duration::from_secs(10);
+
 /// The ops of one inotify event, in envd's order.
 pub(super) fn kinds(mask: AddWatchFlags) -> impl Iterator<Item = EventKind> {
     KINDS.into_iter().filter(move |(bits, _)| mask.intersects(*bits)).map(|(_, kind)| kind)
@@ -112,7 +117,8 @@ pub(super) struct Tree {
     subs: HashMap<SubId, Sub>,
     next_sub: SubId,
     /// (directory, name) reported by a synthetic CREATE, and to whom. Bounded by the entries of
-    /// directories walked within the last [`SYNTHESIZED_GRACE`] plus one kernel queue drain.
+    /// the directories walked within [`SYNTHESIZED_MAX_AGE`] (usually within
+    /// [`SYNTHESIZED_GRACE`] plus one kernel queue drain).
     synthesized: HashMap<(Wd, OsString), Synthesized>,
     /// Subscribers whose mailbox overflowed while handling the current event; removed by
     /// [`Tree::settle`] once the event is done.
@@ -233,7 +239,8 @@ impl Tree {
                 return Ok(None);
             }
         };
-        if self.nodes.contains_key(&wd) {
+        let known = self.nodes.contains_key(&wd);
+        if known {
             if wd == parent || self.is_ancestor(wd, parent) {
                 return Ok(None);
             }
@@ -265,6 +272,12 @@ impl Tree {
             }
             self.settle(ino);
         }
+        // An IN_MOVED_TO that was skipped (its directory stopped being watched meanwhile).
+        for (_, dir) in moves {
+            self.unlink(dir);
+            self.prune(ino, dir);
+        }
+        self.synthesized.retain(|_, s| s.at.elapsed() < SYNTHESIZED_MAX_AGE);
     }
 
     /// Forgets synthetic-CREATE records old enough that their real event, if any, was handled.

@@ -25,7 +25,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> TestServer {
-        let server = Server::bind(&Config::loopback("root")).await.expect("bind 127.0.0.1:0");
+        TestServer::with_config(Config::loopback("root")).await
+    }
+
+    pub async fn with_config(config: Config) -> TestServer {
+        let server = Server::bind(&config).await.expect("bind 127.0.0.1:0");
         let addr = server.tcp_addr().expect("a TCP listener");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
@@ -221,6 +225,23 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     HttpResponse { status, headers, body }
+}
+
+/// POST with a JSON body (plain HTTP routes such as `/init`).
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    json: serde_json::Value,
+) -> HttpResponse {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    http(addr, "POST", path, &all, Bytes::from(json.to_string())).await
+}
+
+/// GET with extra headers.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    http(addr, "GET", path, headers, Bytes::new()).await
 }
 
 /// A Connect unary call with the JSON codec.

@@ -290,7 +290,7 @@ def test_keepalive_ping_interval_header(guestd):
     client = raw_process_client(guestd.url, "json", "identity")
     try:
         stream = client.start(
-            start_request("/bin/sh", ["-c", "sleep 2.5; echo done"]),
+            start_request("/bin/sh", ["-c", "sleep 3.5; echo done"]),
             headers={"Keepalive-Ping-Interval": "1"},
             timeout_ms=STREAM_TIMEOUT_MS,
         )

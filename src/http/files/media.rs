@@ -203,7 +203,7 @@ fn percent_decode(value: &str) -> Option<Vec<u8>> {
 /// `inline; filename=<name>` as Go's `mime.FormatMediaType` writes it (RFC 6266 / RFC 2231).
 pub(crate) fn content_disposition(name: &str) -> String {
     let mut out = String::from("inline; filename");
-    let needs_encoding = name.chars().any(|c| (c < ' ' || c > '~') && c != '\t');
+    let needs_encoding = name.chars().any(|c| !(' '..='~').contains(&c) && c != '\t');
     if needs_encoding {
         out.push_str("*=utf-8''");
         for &b in name.as_bytes() {

@@ -23,10 +23,7 @@ pub(crate) fn preconditions(headers: &HeaderMap, modified: Option<SystemTime>) -
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let modified = modified.map(truncate_to_seconds);
 
-    let mut ok = match header(header::IF_MATCH) {
-        Some(value) => Some(value.split(',').any(|tag| tag.trim() == "*")),
-        None => None,
-    };
+    let mut ok = header(header::IF_MATCH).map(|value| value.split(',').any(|tag| tag.trim() == "*"));
     if ok.is_none()
         && let (Some(value), Some(modified)) = (header(header::IF_UNMODIFIED_SINCE), modified)
         && let Ok(since) = httpdate::parse_http_date(value)
