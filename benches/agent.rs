@@ -73,6 +73,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("no guestd binary at {} (set GUESTD_BIN or build it first)", bin.display()))?
         .len();
 
+    let load_before = load_average()?;
     let mut agent = Agent::start(&bin)?;
     let rss_idle_start = agent.status_kb("VmRSS")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -138,6 +139,7 @@ fn main() -> Result<()> {
     let rss_idle_after = agent.status_kb("VmRSS")?;
     let rss_peak = agent.status_kb("VmHWM")?;
     agent.stop();
+    let load_after = load_average()?;
 
     let report = Report {
         plan,
@@ -152,6 +154,7 @@ fn main() -> Result<()> {
         rss_after_round_trips,
         rss_idle_after,
         rss_peak,
+        load: [load_before, load_after],
     };
     print!("{report}");
     println!("{}", report.json());
@@ -775,6 +778,15 @@ struct Report {
     rss_after_round_trips: u64,
     rss_idle_after: u64,
     rss_peak: u64,
+    /// 1-minute load average before and after the run: other work on the machine skews every
+    /// figure, and on a shared builder it is the first thing to check when figures disagree.
+    load: [f64; 2],
+}
+
+/// The 1-minute load average from `/proc/loadavg`.
+fn load_average() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg")?;
+    Ok(text.split_whitespace().next().context("empty /proc/loadavg")?.parse()?)
 }
 
 /// Nearest-rank percentile, in milliseconds.
@@ -836,6 +848,7 @@ impl Report {
             "bin": self.bin.display().to_string(),
             "bin_bytes": self.bin_bytes,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_1m": { "before": self.load[0], "after": self.load[1] },
             "round_trip_n": self.plan.round_trips,
             "round_trip": rt,
             "commands_before_rss": self.commands_run,
@@ -853,10 +866,13 @@ impl fmt::Display for Report {
         let pipe = mb_per_s(bytes, self.pipe_s);
         writeln!(
             f,
-            "\nguestd {} ({:.2} MiB), {} mode",
+            "\nguestd {} ({:.2} MiB), {} mode; {} CPUs, load average {:.2} before, {:.2} after",
             self.bin.display(),
             self.bin_bytes as f64 / 1048576.0,
-            if self.plan.quick { "quick" } else { "full" }
+            if self.plan.quick { "quick" } else { "full" },
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            self.load[0],
+            self.load[1],
         )?;
         writeln!(
             f,

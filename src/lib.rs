@@ -11,6 +11,7 @@
 //! | [`connect`] | the Connect protocol (JSON/proto, unary/streams) translated to gRPC in front of tonic |
 //! | [`rpc`] | tonic service implementations: decode → authorize → call domain → encode |
 //! | [`http`] | plain HTTP routes on the same port (`/health`, `/ready`, `/init`, `/envs`, `/metrics`, `/files`) and the access-token gate |
+//! | [`pid1`] | PID-1 duties: mounts, orphan reaping, shutdown, power off |
 //! | [`boot`] | the template's start command: once per boot, ready command, `/ready` |
 //! | [`host`] | machine facts for `/metrics` |
 //! | [`fs`] | the filesystem domain: EntryInfo, stat/list/mkdir/move/remove, xattr metadata, atomic uploads, streamed reads |
@@ -28,6 +29,7 @@ pub mod fs;
 pub mod host;
 pub mod http;
 pub mod paths;
+pub mod pid1;
 pub mod process;
 pub mod proto;
 pub mod rpc;

@@ -18,12 +18,22 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::from_args(args, &ProcessEnvironment)?;
     init_logging(config.log_format);
+    // PID 1 mounts and adopts orphans before anything can spawn.
+    let pid1 = guestd::pid1::is_pid1().then(guestd::pid1::setup);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let server = guestd::server::Server::bind(&config).await?;
         server.serve(shutdown_signal()).await;
-        Ok(())
-    })
+        anyhow::Ok(())
+    });
+    drop(runtime);
+    if let Err(err) = &served {
+        tracing::error!(error = format!("{err:#}"), "guestd failed");
+    }
+    if let Some(pid1) = pid1 {
+        pid1.finish();
+    }
+    served
 }
 
 fn init_logging(format: LogFormat) {

@@ -282,18 +282,3 @@ async fn start_after_init_lets_init_env_vars_and_start_cmd_reach_the_start_comma
     std::fs::remove_file(&out_file).unwrap();
     server.stop().await;
 }
-
-async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}

@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod entropy;
 pub mod fd;
+pub mod init;
 pub mod pty;
 pub mod spawn;
 pub mod wait;

@@ -1,0 +1,98 @@
+//! Duties of guestd when it is PID 1 (the kernel's `init` in a micro-VM, or a container's first
+//! process): mount what a bare root lacks, reap orphans, and on the way out signal everything,
+//! wait a grace period, and — in a VM — sync and power off.
+//!
+//! Orphan reaping goes through the one reaper (`process::reaper`) switched to adopt orphans, so
+//! a status guestd is waiting for is never stolen.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::MsFlags;
+use nix::sys::signal::Signal;
+
+use crate::process::reaper;
+use crate::sys::init as sys;
+
+/// How long processes get between SIGTERM and SIGKILL when PID 1 shuts down.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// API filesystems a bare root needs, mounted only where nothing is mounted yet.
+const MOUNTS: &[(&str, &str, &str)] = &[
+    ("proc", "/proc", ""),
+    ("sysfs", "/sys", ""),
+    ("devtmpfs", "/dev", "mode=0755"),
+    ("devpts", "/dev/pts", "gid=5,mode=620,ptmxmode=666"),
+    ("tmpfs", "/dev/shm", "mode=1777"),
+    ("tmpfs", "/run", "mode=0755"),
+    ("tmpfs", "/tmp", "mode=1777"),
+];
+
+/// True when this process is PID 1 of its PID namespace.
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// PID-1 state kept for shutdown.
+#[derive(Debug)]
+pub struct Pid1 {
+    /// The initial PID namespace of a machine (a VM): power off when guestd exits.
+    power_off: bool,
+}
+
+/// Mounts what is missing and starts adopting orphans. Call before serving.
+pub fn setup() -> Pid1 {
+    let mounted = mount_points();
+    for (fstype, target, data) in MOUNTS {
+        if mounted.contains(*target) {
+            continue;
+        }
+        let flags = MsFlags::MS_NOSUID
+            | if *fstype == "devtmpfs" || *fstype == "devpts" { MsFlags::empty() } else { MsFlags::MS_NODEV };
+        let data = (!data.is_empty()).then_some(*data);
+        match sys::mount_fs(fstype, Path::new(target), flags, data) {
+            Ok(()) => tracing::info!(fstype, target, "mounted"),
+            Err(err) => tracing::warn!(fstype, target, error = %err, "cannot mount"),
+        }
+    }
+    reaper::set_adopt_orphans(true);
+    // Kernel threads live only in the initial PID namespace: kthreadd is always pid 2 there.
+    let power_off = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    tracing::info!(power_off, "running as PID 1");
+    Pid1 { power_off }
+}
+
+impl Pid1 {
+    /// SIGTERM to every remaining process, up to `SHUTDOWN_GRACE` for them to go, SIGKILL for the
+    /// rest; then sync and power off in a VM. Returns only where there is no machine to power off.
+    pub fn finish(self) {
+        if let Err(err) = sys::signal_all(Signal::SIGTERM) {
+            tracing::warn!(error = %err, "cannot signal remaining processes");
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Instant::now() < deadline && other_processes_exist() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = sys::signal_all(Signal::SIGKILL);
+        if self.power_off {
+            tracing::info!("powering off");
+            let err = sys::power_off();
+            tracing::error!(error = %err, "power off failed");
+        }
+    }
+}
+
+/// Whether any process other than PID 1 is left (zombies are reaped by the reaper thread).
+fn other_processes_exist() -> bool {
+    std::fs::read_dir("/proc").is_ok_and(|entries| {
+        entries.flatten().any(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| pid > 1))
+    })
+}
+
+/// Mount points from /proc/self/mountinfo (empty when /proc is not mounted yet).
+fn mount_points() -> HashSet<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| info.lines().filter_map(|l| l.split(' ').nth(4)).map(str::to_owned).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,60 @@
+//! guestd as PID 1 (needs root: a new PID namespace via `unshare --pid --fork --mount-proc`):
+//! it reaps an orphaned grandchild it never started, and exits cleanly on SIGTERM.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use serde_json::json;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `script` through guestd's Start over Connect and returns its stdout.
+async fn run_script(addr: SocketAddr, script: &str) -> String {
+    let req = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}, "stdin": false});
+    let resp = connect_stream(addr, "/process.Process/Start", &[], &[req]).await;
+    let (messages, end) = resp.json_stream();
+    assert_eq!(end, json!({}), "{messages:?}");
+    messages.iter().filter_map(|m| m["event"]["data"]["stdout"].as_str()).flat_map(b64).map(char::from).collect()
+}
+
+#[tokio::test]
+async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
+    if !is_root() {
+        println!("SKIPPED pid1 test: needs root to create a PID namespace");
+        return;
+    }
+    let port = 20_000 + (std::process::id() % 10_000) as u16;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_guestd"), "--listen", &addr.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare runs");
+    let up = eventually_async(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
+        .await;
+    assert!(up, "guestd did not come up as PID 1");
+    assert_eq!(http(addr, "GET", "/health", &[], Bytes::new()).await.status, 204);
+    assert_eq!(run_script(addr, "echo $PPID; cat /proc/1/comm").await, "1\nguestd\n");
+
+    // The subshell exits at once; its `sleep` is re-parented to PID 1 (guestd) and must be reaped.
+    run_script(addr, "(sleep 0.3 &); exit 0").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let states = run_script(addr, "for f in /proc/[0-9]*/stat; do cut -d' ' -f2,3 $f; done").await;
+    assert!(!states.lines().any(|l| l.ends_with(" Z")), "zombie left behind:\n{states}");
+    assert!(!states.contains("(sleep)"), "orphan still running:\n{states}");
+
+    // SIGTERM to guestd (unshare's child): it stops its processes and exits 0.
+    run_script(addr, "sleep 1000 >/dev/null 2>&1 &").await;
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+    let guestd: i32 = children.split_whitespace().next().expect("guestd is unshare's child").parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(guestd), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || unshare.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "guestd as PID 1 exited with {status}");
+}
