@@ -47,6 +47,9 @@ pub struct Agent {
     pub clock: std::sync::Arc<dyn session::Clock>,
     pub boot: std::sync::Arc<boot::Boot>,
     pub metrics: host::MetricsSource,
+    /// Directory watches; the error is kept (and returned by every watch RPC) when inotify
+    /// could not be set up.
+    pub watches: Result<watch::WatchManager, watch::WatchError>,
 }
 
 /// "what failed: why: root cause": an error and every `source()` below it, for messages a user

@@ -100,6 +100,9 @@ impl Server {
             clock: Arc::new(SystemClock),
             boot: Arc::new(Boot::new(config.start.clone())),
             metrics: MetricsSource::new(),
+            watches: crate::watch::WatchManager::new().inspect_err(|err| {
+                warn!(error = %crate::error_chain(err), "directory watches are unavailable");
+            }),
         });
         Ok(Server { listeners, agent })
     }

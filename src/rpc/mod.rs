@@ -27,7 +27,7 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         auth::known_basic_user,
     );
     let filesystem = proto::filesystem::filesystem_server::FilesystemServer::with_interceptor(
-        filesystem::FilesystemRpc,
+        filesystem::FilesystemRpc::new(agent.clone()),
         auth::known_basic_user,
     );
     tonic::service::Routes::new(process).add_service(filesystem).add_service(reflection).into_axum_router()

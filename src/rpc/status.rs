@@ -3,8 +3,10 @@
 
 use tonic::{Code, Status};
 
+use crate::fs::FsError;
 use crate::paths::PathError;
 use crate::process::ProcessError;
+use crate::watch::WatchError;
 
 impl From<ProcessError> for Status {
     fn from(err: ProcessError) -> Status {
@@ -29,5 +31,37 @@ impl From<ProcessError> for Status {
 impl From<PathError> for Status {
     fn from(err: PathError) -> Status {
         Status::invalid_argument(crate::error_chain(&err))
+    }
+}
+
+impl From<FsError> for Status {
+    fn from(err: FsError) -> Status {
+        let code = match &err {
+            FsError::NotFound { .. } => Code::NotFound,
+            FsError::AlreadyExists { .. } => Code::AlreadyExists,
+            FsError::NotADirectory { .. }
+            | FsError::IsADirectory { .. }
+            | FsError::NotRegularFile { .. }
+            | FsError::ParentNotDirectory { .. }
+            | FsError::NetworkMount { .. } => Code::InvalidArgument,
+            FsError::CyclicSymlink { .. } => Code::FailedPrecondition,
+            FsError::PermissionDenied { .. } => Code::PermissionDenied,
+            FsError::NoSpace { .. } => Code::ResourceExhausted,
+            FsError::Io { .. } => Code::Internal,
+        };
+        Status::new(code, crate::error_chain(&err))
+    }
+}
+
+impl From<WatchError> for Status {
+    fn from(err: WatchError) -> Status {
+        let code = match &err {
+            WatchError::NotFound { .. } | WatchError::WatcherNotFound { .. } => Code::NotFound,
+            WatchError::NotADirectory { .. } | WatchError::NetworkMount { .. } => Code::InvalidArgument,
+            WatchError::WatchLimit { .. } | WatchError::TooManyWatchers { .. } => Code::ResourceExhausted,
+            WatchError::QueueOverflow { .. } | WatchError::SubscriberOverflow { .. } => Code::DataLoss,
+            _ => Code::Internal,
+        };
+        Status::new(code, crate::error_chain(&err))
     }
 }

@@ -25,7 +25,17 @@
 //! Ops and names follow envd: one event per op in the fixed order CREATE, RENAME, CHMOD,
 //! WRITE, REMOVE; names relative to the watched directory, `"."` for itself; a rename inside the
 //! tree is RENAME(old) + CREATE(new); a deleted or moved root yields REMOVE/RENAME `"."` and the
-//! watch goes quiet without ending.
+//! watch goes quiet without ending. A directory renamed inside a recursive tree is
+//! RENAME(old) + CREATE(new) + a CREATE for everything inside it, as envd's fsnotify fork does.
+//!
+//! Deliberate differences from envd:
+//! - a slow client ends its own watch with an error instead of blocking envd's reader until the
+//!   kernel queue overflows; polling watchers are bounded in buffer, number and idle time;
+//! - a recursive watch of a path that is a symlink to a directory watches the target (envd's
+//!   fork fails with "not a directory"); symlinks inside the tree are never followed;
+//! - entries are stat-ed when the client takes the event, not when the kernel reports it;
+//! - a CREATE found by the new-directory walk is not repeated when the kernel's own event for
+//!   it arrives later (envd's fork can report it twice).
 //!
 //! Nothing here knows about proto, tonic, hyper or axum.
 

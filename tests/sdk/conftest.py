@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import MARK, RUN_ID, Proc, all_procs, descendants, marked_procs, still_alive
+from helpers import MARK, RUN_ID, Proc, descendants, marked_procs, still_alive
 
 # Set in guestd's own environment; a child must never see it (children get an explicit env).
 LEAK_VAR = "GUESTD_SDK_AGENT_ONLY"
@@ -235,5 +235,3 @@ def test_user():
 def pytest_report_header(config):
     return [f"guestd SDK tier: run {RUN_ID}, process marker {MARK}"]
 
-
-__all__ = ["LEAK_VAR", "Guestd", "TestUser", "running_as_root", "all_procs"]
