@@ -11,9 +11,18 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "toolchain"
+step "toolchain and system packages"
 rustup component add clippy rustfmt >/dev/null 2>&1 || true
 rustup target add x86_64-unknown-linux-musl >/dev/null
+# sudo: the SDK tier checks that a sudoer's `sudo` works under guestd; unshare (util-linux):
+# the PID-1 test; file: the static-build check.
+missing=()
+for tool in sudo:sudo unshare:util-linux file:file; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 step "format and lints"
 cargo fmt --check

@@ -3,12 +3,12 @@
 //!
 //! What this module owns, and how it is concurrent:
 //! - **One inotify instance** for every watch of the agent (`fs.inotify.max_user_instances` is
-//!   128 per user, so one per RPC would run out), read by **one OS thread** ([`reader`]).
-//! - **The watch tree** ([`tree`], behind one std mutex): one kernel watch per directory, shared
+//!   128 per user, so one per RPC would run out), read by **one OS thread** (`reader.rs`).
+//! - **The watch tree** (`tree.rs`, behind one std mutex): one kernel watch per directory, shared
 //!   by every subscriber that sees it, re-linked on renames, removed when nobody needs it.
 //!   Recursive watches cover directories created or moved in later, including what they already
 //!   contain (synthetic CREATEs, each reported once).
-//! - **One bounded mailbox per subscriber** ([`mailbox`]). The reader never waits for a client:
+//! - **One bounded mailbox per subscriber** (`mailbox.rs`). The reader never waits for a client:
 //!   a full mailbox ends that subscriber alone with [`WatchError::SubscriberOverflow`]. Kernel
 //!   queue overflow ([`WatchError::QueueOverflow`]) and watch-limit exhaustion
 //!   ([`WatchError::WatchLimit`]) also end the affected subscribers with an explicit error,
