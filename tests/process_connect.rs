@@ -24,8 +24,7 @@ async fn start_over_connect_json_matches_what_the_sdk_parses() {
     assert_eq!(end, json!({}));
     let pid = messages[0]["event"]["start"]["pid"].as_u64().expect("start first");
     assert!(pid > 0);
-    let stdout: Vec<u8> =
-        messages.iter().filter_map(|m| m["event"]["data"]["stdout"].as_str()).flat_map(|s| b64(s)).collect();
+    let stdout: Vec<u8> = messages.iter().filter_map(|m| m["event"]["data"]["stdout"].as_str()).flat_map(b64).collect();
     assert_eq!(stdout, b"hi");
     let last = messages.last().unwrap();
     assert_eq!(

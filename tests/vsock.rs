@@ -2,6 +2,8 @@
 //! (vsock_loopback, CID 1); where the kernel has none, the test says so and checks only that
 //! guestd binds and serves the vsock listener. The micro-VM tier covers the real guest path.
 
+#![allow(clippy::print_stdout, reason = "a skipped check says why on stdout")]
+
 mod common;
 
 use std::time::Duration;

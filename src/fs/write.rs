@@ -15,13 +15,14 @@
 //! carried over (the mode and the owner-by-request-user are).
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write as _};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
-use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
 
 use super::metadata::{self, Metadata};
 use super::{FsError, Owner, ensure_dirs};
@@ -37,6 +38,11 @@ const TEMP_NAME_KEEP: usize = 200;
 /// Symlink hops followed to find the real target (the kernel's own limit is 40).
 const MAX_SYMLINK_HOPS: usize = 40;
 
+/// Incoming chunks (often 8–64 KiB from hyper) are gathered into buffers of this size before
+/// each `write(2)`, so a GiB costs ~1k blocking-pool hops instead of ~100k. One buffer is being
+/// written while the next fills: memory per upload is twice this, whatever the file size.
+pub const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+
 /// A file being written: content streams into a temporary sibling of the target until
 /// [`commit`](AtomicWrite::commit) renames it into place. Dropping it uncommitted removes the
 /// temporary file and leaves the target untouched.
@@ -45,7 +51,11 @@ pub struct AtomicWrite {
     /// Where the content lands: the requested path with final symlinks followed.
     target: PathBuf,
     temp: PathBuf,
-    file: tokio::fs::File,
+    file: Arc<File>,
+    /// Bytes gathered for the next `write(2)`.
+    buffer: Vec<u8>,
+    /// The `write(2)` in flight on the blocking pool; hands its buffer back for reuse.
+    in_flight: Option<JoinHandle<(Vec<u8>, io::Result<()>)>>,
     written: u64,
     committed: bool,
 }
@@ -62,7 +72,15 @@ impl AtomicWrite {
         let (target, temp, file) = tokio::task::spawn_blocking(move || prepare(&path, owner, &metadata))
             .await
             .map_err(|join| FsError::Io { op: "prepare", path: PathBuf::new(), source: io::Error::other(join) })??;
-        Ok(AtomicWrite { target, temp, file: tokio::fs::File::from_std(file), written: 0, committed: false })
+        Ok(AtomicWrite {
+            target,
+            temp,
+            file: Arc::new(file),
+            buffer: Vec::with_capacity(WRITE_BUFFER_BYTES),
+            in_flight: None,
+            written: 0,
+            committed: false,
+        })
     }
 
     /// The path the content will replace (symlinks followed).
@@ -75,31 +93,64 @@ impl AtomicWrite {
         self.written
     }
 
-    /// Appends `data`. Errors may surface one call late (the file writes in the background);
-    /// [`commit`](AtomicWrite::commit) reports any that remain.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), FsError> {
-        self.file.write_all(data).await.map_err(|e| FsError::from_io("write", &self.target, e))?;
-        self.written += data.len() as u64;
+    /// Appends `data`. Writes happen in the background, a buffer at a time, so an error (such
+    /// as ENOSPC) may surface on a later call; [`commit`](AtomicWrite::commit) reports any left.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<(), FsError> {
+        while !data.is_empty() {
+            let room = WRITE_BUFFER_BYTES - self.buffer.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            self.buffer.extend_from_slice(now);
+            self.written += now.len() as u64;
+            data = rest;
+            if self.buffer.len() == WRITE_BUFFER_BYTES {
+                self.start_write().await?;
+            }
+        }
         Ok(())
     }
 
-    /// Makes the new content durable and visible: flush, fsync, rename over the target, fsync
-    /// the directory. On error the target keeps its old content and the temp file is removed.
+    /// Waits for the write in flight, then starts writing the gathered buffer.
+    async fn start_write(&mut self) -> Result<(), FsError> {
+        let spare = self.finish_write().await?;
+        let buffer = std::mem::replace(&mut self.buffer, spare);
+        let file = self.file.clone();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let result = (&*file).write_all(&buffer);
+            (buffer, result)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight (if any) and returns an empty buffer to fill next.
+    async fn finish_write(&mut self) -> Result<Vec<u8>, FsError> {
+        let Some(task) = self.in_flight.take() else { return Ok(Vec::with_capacity(WRITE_BUFFER_BYTES)) };
+        let (mut buffer, result) = task.await.map_err(|join| self.io("write", io::Error::other(join)))?;
+        result.map_err(|e| FsError::from_io("write", &self.target, e))?;
+        buffer.clear();
+        Ok(buffer)
+    }
+
+    fn io(&self, op: &'static str, source: io::Error) -> FsError {
+        FsError::Io { op, path: self.target.clone(), source }
+    }
+
+    /// Makes the new content durable and visible: write what is buffered, fsync, rename over
+    /// the target, fsync the directory. On error the target keeps its old content and the
+    /// temp file is removed.
     pub async fn commit(mut self) -> Result<(), FsError> {
-        self.file.flush().await.map_err(|e| FsError::from_io("write", &self.target, e))?;
-        self.file.sync_all().await.map_err(|e| FsError::from_io("sync", &self.target, e))?;
-        let (temp, target) = (self.temp.clone(), self.target.clone());
+        if !self.buffer.is_empty() {
+            self.start_write().await?;
+        }
+        self.finish_write().await?;
+        let (file, temp, target) = (self.file.clone(), self.temp.clone(), self.target.clone());
         tokio::task::spawn_blocking(move || {
+            file.sync_all().map_err(|e| FsError::from_io("sync", &target, e))?;
             fs::rename(&temp, &target).map_err(|e| FsError::from_io("rename into place", &target, e))?;
             sync_parent(&target);
             Ok::<_, FsError>(())
         })
         .await
-        .map_err(|join| FsError::Io {
-            op: "rename into place",
-            path: self.target.clone(),
-            source: io::Error::other(join),
-        })??;
+        .map_err(|join| self.io("rename into place", io::Error::other(join)))??;
         self.committed = true;
         Ok(())
     }
@@ -256,6 +307,21 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new content");
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o751);
         assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn odd_chunks_across_buffer_boundaries_arrive_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let data: Vec<u8> = (0..(WRITE_BUFFER_BYTES * 5 / 2)).map(|i| (i % 253) as u8).collect();
+        let mut w = AtomicWrite::create(&path, me(), Metadata::default()).await.unwrap();
+        for chunk in data.chunks(100_003) {
+            w.write(chunk).await.unwrap();
+        }
+        w.write(&[]).await.unwrap();
+        assert_eq!(w.written(), data.len() as u64);
+        w.commit().await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
     }
 
     #[tokio::test]

@@ -16,11 +16,11 @@ use super::auth::request_user;
 use super::metadata::keepalive_interval;
 use crate::Agent;
 use crate::fs::{self, EntryInfo, FileKind, Owner};
-use crate::paths;
 use crate::proto::filesystem::filesystem_server::Filesystem;
 use crate::proto::filesystem::*;
 use crate::users::User;
 use crate::watch::{EventKind, FsEvent, WatchManager, WatchOptions, WatchStream};
+use crate::{paths, watch};
 
 pub(crate) struct FilesystemRpc {
     agent: Arc<Agent>,
@@ -39,8 +39,16 @@ impl FilesystemRpc {
         Ok((user, resolved))
     }
 
-    fn watches(&self) -> Result<&WatchManager, Status> {
-        self.agent.watches.as_ref().map_err(|err| Status::from(err.clone()))
+    /// Runs a (blocking: stat, statfs, directory walks) watch-manager call off the reactor.
+    async fn with_watches<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(WatchManager) -> Result<T, watch::WatchError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let manager = self.agent.watches.as_ref().map_err(|err| Status::from(err.clone()))?.clone();
+        match tokio::task::spawn_blocking(move || f(manager)).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(join) => Err(Status::internal(format!("watch task failed: {join}"))),
+        }
     }
 }
 
@@ -109,7 +117,7 @@ impl Filesystem for FilesystemRpc {
             include_entry: req.include_entry,
             allow_network_mounts: req.allow_network_mounts,
         };
-        let stream = self.watches()?.watch(&path, opts)?;
+        let stream = self.with_watches(move |w| w.watch(&path, opts)).await?;
         Ok(Response::new(Box::pin(watch_events(stream, keepalive))))
     }
 
@@ -124,7 +132,7 @@ impl Filesystem for FilesystemRpc {
             include_entry: req.include_entry,
             allow_network_mounts: req.allow_network_mounts,
         };
-        let watcher_id = self.watches()?.create_watcher(&path, opts)?;
+        let watcher_id = self.with_watches(move |w| w.create_watcher(&path, opts)).await?;
         Ok(Response::new(CreateWatcherResponse { watcher_id }))
     }
 
@@ -132,7 +140,8 @@ impl Filesystem for FilesystemRpc {
         &self,
         request: Request<GetWatcherEventsRequest>,
     ) -> Result<Response<GetWatcherEventsResponse>, Status> {
-        let events = self.watches()?.take_events(&request.get_ref().watcher_id)?;
+        let id = request.into_inner().watcher_id;
+        let events = self.with_watches(move |w| w.take_events(&id)).await?;
         Ok(Response::new(GetWatcherEventsResponse { events: events.into_iter().map(fs_event).collect() }))
     }
 
@@ -140,7 +149,8 @@ impl Filesystem for FilesystemRpc {
         &self,
         request: Request<RemoveWatcherRequest>,
     ) -> Result<Response<RemoveWatcherResponse>, Status> {
-        self.watches()?.remove_watcher(&request.get_ref().watcher_id)?;
+        let id = request.into_inner().watcher_id;
+        self.with_watches(move |w| w.remove_watcher(&id)).await?;
         Ok(Response::new(RemoveWatcherResponse {}))
     }
 }

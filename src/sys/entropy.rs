@@ -38,6 +38,7 @@ pub fn add(bytes: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::print_stdout, reason = "a skipped check says why on stdout")]
 mod tests {
     #[test]
     fn entropy_is_accepted_when_privileged() {
