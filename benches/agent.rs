@@ -172,8 +172,8 @@ struct Plan {
 impl Plan {
     /// `cargo bench` passes `--bench` (and any filter) to every target; only `--quick` means
     /// something here.
-    fn from_args(args: impl Iterator<Item = String>) -> Plan {
-        let quick = args.into_iter().any(|a| a == "--quick");
+    fn from_args(mut args: impl Iterator<Item = String>) -> Plan {
+        let quick = args.any(|a| a == "--quick");
         if quick {
             Plan { quick, round_trips: 100, throughput_bytes: 128 << 20 }
         } else {

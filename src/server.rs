@@ -3,7 +3,7 @@
 //! builder:
 //!
 //! ```text
-//! accept ─► hyper (h1 | h2c) ─► AccessLayer ─► ConnectLayer ─► GrpcDeadlineLayer ─► axum Router
+//! accept ─► hyper (h1 | h2c) ─► CORS ─► AccessLayer ─► ConnectLayer ─► GrpcDeadlineLayer ─► axum Router
 //!                                 token gate      │ Connect → gRPC                  ├─ tonic: process, filesystem, reflection
 //!                                                 └ gRPC passes through             └─ plain HTTP: /health, /init, /files, …
 //! ```
@@ -163,6 +163,7 @@ fn service(agent: Arc<Agent>) -> Service {
     let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
         .expect("the embedded descriptor set is valid: it was produced by the build script");
     let stack = tower::ServiceBuilder::new()
+        .layer(http::cors())
         .layer(http::auth::AccessLayer::new(session))
         .layer(crate::connect::ConnectLayer::new(pool))
         .layer(crate::connect::GrpcDeadlineLayer)

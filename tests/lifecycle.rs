@@ -282,3 +282,30 @@ async fn start_after_init_lets_init_env_vars_and_start_cmd_reach_the_start_comma
     std::fs::remove_file(&out_file).unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn cors_preflight_is_answered_before_the_token_gate() {
+    let server = TestServer::start().await;
+    assert_eq!(post_json(server.addr, "/init", &[], json!({"accessToken": "tok"})).await.status, 204);
+    let preflight = http(
+        server.addr,
+        "OPTIONS",
+        "/process.Process/Start",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type,x-access-token,connect-protocol-version"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(preflight.status, 200);
+    assert_eq!(preflight.headers["access-control-allow-origin"], "*");
+    assert_eq!(preflight.headers["access-control-max-age"], "7200");
+    let allowed = preflight.headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("x-access-token"), "{allowed}");
+    let real = http(server.addr, "GET", "/health", &[("origin", "https://app.example")], Bytes::new()).await;
+    assert_eq!(real.headers["access-control-allow-origin"], "*");
+    assert!(real.headers["access-control-expose-headers"].to_str().unwrap().contains("grpc-status"));
+    server.stop().await;
+}

@@ -59,6 +59,29 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     }
 }
 
+/// envd's CORS policy (rpc.md §2.4): any origin, any request header, the methods its API uses,
+/// and the headers a browser Connect/gRPC-web client must read. Outermost, so preflights never
+/// meet the token gate.
+pub fn cors() -> tower_http::cors::CorsLayer {
+    use axum::http::Method;
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
+    let expose = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "location",
+        "cache-control",
+        "x-content-type-options",
+    ]
+    .map(header::HeaderName::from_static);
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_headers(AllowHeaders::mirror_request())
+        .allow_methods([Method::HEAD, Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .expose_headers(ExposeHeaders::list(expose))
+        .max_age(std::time::Duration::from_secs(7200))
+}
+
 /// tonic's own fallback answers HTTP 200 + grpc-status 12, which plain HTTP clients misread.
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "404 page not found\n")

@@ -13,8 +13,8 @@ mod status;
 
 use std::sync::Arc;
 
-use crate::Agent;
 use crate::proto;
+use crate::{Agent, connect};
 
 /// The tonic routes for every service guestd serves, plus gRPC reflection, as an axum router.
 pub fn router(agent: Arc<Agent>) -> axum::Router {
@@ -22,13 +22,13 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor set is valid: it was produced by the build script");
-    let process = proto::process::process_server::ProcessServer::with_interceptor(
-        process::ProcessRpc::new(agent.clone()),
-        auth::known_basic_user,
-    );
-    let filesystem = proto::filesystem::filesystem_server::FilesystemServer::with_interceptor(
-        filesystem::FilesystemRpc::new(agent.clone()),
-        auth::known_basic_user,
-    );
+    // tonic's own 4 MiB default would refuse messages the Connect layer accepts.
+    let process = proto::process::process_server::ProcessServer::new(process::ProcessRpc::new(agent.clone()))
+        .max_decoding_message_size(connect::MAX_MESSAGE_BYTES);
+    let process = tonic::service::interceptor::InterceptedService::new(process, auth::known_basic_user);
+    let filesystem =
+        proto::filesystem::filesystem_server::FilesystemServer::new(filesystem::FilesystemRpc::new(agent.clone()))
+            .max_decoding_message_size(connect::MAX_MESSAGE_BYTES);
+    let filesystem = tonic::service::interceptor::InterceptedService::new(filesystem, auth::known_basic_user);
     tonic::service::Routes::new(process).add_service(filesystem).add_service(reflection).into_axum_router()
 }

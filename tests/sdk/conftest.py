@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import IO, Optional, Sequence
 
 import pytest
 
@@ -46,6 +47,11 @@ class Guestd:
     proc: subprocess.Popen
     port: int
     log_path: str
+    log: Optional[IO] = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     @property
     def url(self) -> str:
@@ -94,8 +100,16 @@ def _describe(procs: list[Proc]) -> str:
     return "\n".join(f"    pid {p.pid} (ppid {p.ppid}, state {p.state}): {p.cmdline}" for p in procs)
 
 
-@pytest.fixture(scope="session")
-def guestd():
+def launch_guestd(
+    extra_args: Sequence[str] = (),
+    *,
+    wrapper: Sequence[str] = (),
+    env: Optional[dict] = None,
+    name: str = "guestd",
+) -> Guestd:
+    """Starts `[*wrapper] $GUESTD_BIN --listen 127.0.0.1:<port> [*extra_args]` and waits for
+    `GET /health` → 204 (fails the test otherwise). `wrapper` must end in an `exec` of its
+    arguments so that `proc.pid` is guestd's own pid (peak-RSS reads, teardown checks)."""
     binary = os.environ.get("GUESTD_BIN")
     if not binary:
         pytest.fail(
@@ -109,26 +123,29 @@ def guestd():
     port = _free_port()
     log_dir = os.environ.get("GUESTD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="guestd-sdk-")
     os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f"guestd-{RUN_ID}.log")
-    env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
-    env[LEAK_VAR] = MARK
+    suffix = "" if name == "guestd" else f"-{name}-{port}"
+    log_path = os.path.join(log_dir, f"guestd-{RUN_ID}{suffix}.log")
+    child_env = dict(os.environ)
+    child_env.setdefault("RUST_LOG", "info")
+    child_env[LEAK_VAR] = MARK
+    child_env.update(env or {})
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [binary, "--listen", f"127.0.0.1:{port}"],
+        [*wrapper, binary, "--listen", f"127.0.0.1:{port}", *extra_args],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=child_env,
         preexec_fn=_die_with_parent,
     )
-    server = Guestd(proc=proc, port=port, log_path=log_path)
-    print(f"\nguestd pid {proc.pid} on {server.url}, log {log_path}", file=sys.stderr)
+    server = Guestd(proc=proc, port=port, log_path=log_path, log=log)
+    print(f"\n{name} pid {proc.pid} on {server.url}, log {log_path}", file=sys.stderr)
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     status = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            log.close()
             pytest.fail(
                 f"guestd exited with {proc.returncode} before answering /health; log:\n{server.log_tail()}",
                 pytrace=False,
@@ -140,16 +157,23 @@ def guestd():
     if status != 204:
         proc.kill()
         proc.wait()
+        log.close()
         pytest.fail(
             f"GET /health on {server.url} gave {status} (want 204) within {STARTUP_TIMEOUT_S}s; "
             f"log:\n{server.log_tail()}",
             pytrace=False,
         )
+    return server
 
-    yield server
 
-    # ---- teardown: guestd must stop on SIGTERM and leave nothing behind ----
-    before = descendants(proc.pid) + [p for p in marked_procs() if p.pid != proc.pid]
+def shutdown_guestd(server: Guestd, *, check_marked: bool = True) -> list[str]:
+    """Stops guestd with SIGTERM; returns what went wrong (empty: it exited cleanly and left
+    no process behind). Leftovers are SIGKILLed by pid. `check_marked` also counts every
+    process carrying the run's MARK (right for the session guestd, which spawned them all)."""
+    proc = server.proc
+    before = descendants(proc.pid)
+    if check_marked:
+        before += [p for p in marked_procs() if p.pid != proc.pid]
     problems = []
     proc.send_signal(signal.SIGTERM)
     try:
@@ -161,11 +185,13 @@ def guestd():
     else:
         if proc.returncode not in (0, -signal.SIGTERM):
             problems.append(f"guestd exited with {proc.returncode} after SIGTERM (want 0)")
-    log.close()
+    if server.log is not None:
+        server.log.close()
 
     time.sleep(0.2)  # let the kernel finish delivering any kill guestd sent on its way out
     left = {p.pid: p for p in before if still_alive(p)}
-    left.update({p.pid: p for p in marked_procs()})
+    if check_marked:
+        left.update({p.pid: p for p in marked_procs()})
     if left:
         problems.append(
             "processes spawned through guestd outlived it:\n" + _describe(list(left.values()))
@@ -175,6 +201,17 @@ def guestd():
                 os.kill(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    return problems
+
+
+@pytest.fixture(scope="session")
+def guestd():
+    server = launch_guestd()
+
+    yield server
+
+    # ---- teardown: guestd must stop on SIGTERM and leave nothing behind ----
+    problems = shutdown_guestd(server)
     if problems:
         pytest.fail(
             "guestd teardown:\n  " + "\n  ".join(problems) + f"\nlog tail:\n{server.log_tail()}",
@@ -199,6 +236,61 @@ def sandbox(guestd):
         yield sbx
     finally:
         mp.undo()
+
+
+@pytest.fixture
+def spawn_guestd():
+    """Factory for a guestd of the test's own (special flags, a fresh state):
+    `spawn_guestd("--start-cmd", "...", wrapper=[...])` → a started, healthy `Guestd`.
+    Each one is stopped at the end of the test and checked like the session guestd (exits on
+    SIGTERM, leaves no descendant behind); a problem fails the test's teardown."""
+    started: list[Guestd] = []
+
+    def spawn(*extra_args: str, wrapper: Sequence[str] = (), env: Optional[dict] = None) -> Guestd:
+        server = launch_guestd(extra_args, wrapper=wrapper, env=env, name=f"own{len(started)}")
+        started.append(server)
+        return server
+
+    yield spawn
+
+    problems = []
+    for server in started:
+        for problem in shutdown_guestd(server, check_marked=False):
+            problems.append(f"{server.url}: {problem}\nlog tail:\n{server.log_tail()}")
+    if problems:
+        pytest.fail("own guestd teardown:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def sdk_sandbox(url: str, access_token: Optional[str] = None):
+    """A debug-mode `Sandbox` for a guestd other than the session's.
+
+    Without `access_token` this is `Sandbox.create(debug=True, sandbox_url=url)`. With one, it
+    builds the sandbox the way `Sandbox.create()` does outside debug mode when the API returns an
+    envd access token (`sandbox_sync/main.py` `_create`): `X-Access-Token` on every envd request
+    and `envd_access_token` set, so `download_url`/`upload_url` are signed. Debug `create()`
+    itself never has a token, so this goes through the (deprecated) constructor."""
+    from e2b import ConnectionConfig, Sandbox
+    from e2b.envd.versions import ENVD_DEBUG_FALLBACK
+
+    if access_token is None:
+        return Sandbox.create(debug=True, sandbox_url=url)
+    config = ConnectionConfig(
+        debug=True,
+        sandbox_url=url,
+        extra_sandbox_headers={
+            "X-Access-Token": access_token,
+            "E2b-Sandbox-Id": "debug_sandbox_id",
+            "E2b-Sandbox-Port": str(ConnectionConfig.envd_port),
+        },
+    )
+    return Sandbox(
+        sandbox_id="debug_sandbox_id",
+        sandbox_domain=None,
+        envd_version=ENVD_DEBUG_FALLBACK,
+        envd_access_token=access_token,
+        traffic_access_token=None,
+        connection_config=config,
+    )
 
 
 def running_as_root() -> bool:

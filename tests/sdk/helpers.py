@@ -257,3 +257,38 @@ def drain(stream: Iterator) -> StreamResult:
             raise AssertionError("second start event")
     assert end is not None, f"stream completed without an end event (events: {kinds})"
     return StreamResult(bytes(out), bytes(err), bytes(pty), end, kinds)
+
+
+def raw_filesystem_client(base_url: str, codec: str = "json") -> "filesystem_connect.FilesystemClientSync":
+    """connectrpc's own Filesystem client (identity compression), for checks the SDK cannot
+    make, e.g. that a removed watcher is gone on the server."""
+    from e2b.envd.filesystem import filesystem_connect
+
+    transport = SyncHTTPTransport(http_version=HTTPVersion.HTTP1)
+    return filesystem_connect.FilesystemClientSync(
+        base_url,
+        codec=CODECS[codec](),
+        http_client=SyncClient(transport),
+        send_compression=None,
+        accept_compression=(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident set size (VmHWM) of `pid` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def reset_vm_hwm(pid: int) -> None:
+    """Resets VmHWM to the current RSS (Linux ≥ 4.0: `echo 5 > /proc/<pid>/clear_refs`), so a
+    later peak measures this test and not whatever ran before in the same guestd."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
