@@ -19,10 +19,12 @@
 //! | [`process`] | the process table: spawn, PTY, output fan-out, signals, the one owner of `wait()` |
 //! | [`session`] | sandbox-wide defaults: default user, workdir, env vars |
 //! | [`users`], [`paths`] | passwd/group lookups; E2B's path resolution rules |
+//! | [`client`] | the host side: dial a guest (TCP, vsock, hybrid vsock), typed calls; used by `guestctl` |
 //! | [`sys`] | the only module with `unsafe`: what runs between fork and exec |
 //! | [`proto`] | generated protobuf/tonic code (adapters only) |
 
 pub mod boot;
+pub mod client;
 pub mod config;
 pub mod connect;
 pub mod fs;

@@ -591,3 +591,28 @@ async fn kernel_queue_overflow_is_reported_needs_root() {
     }
     assert_eq!(m.watched_directories(), 0);
 }
+
+/// guestd's atomic uploads write a temporary beside the target and rename it over the target.
+/// Watchers see what writing the file in place shows (CREATE, CHMOD, WRITE of the target), never
+/// the temporary.
+#[tokio::test]
+async fn an_atomic_upload_looks_like_writing_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = guestd::watch::WatchManager::new().unwrap();
+    let opts = guestd::watch::WatchOptions { recursive: true, ..Default::default() };
+    let mut stream = manager.watch(dir.path(), opts).unwrap();
+    let temp = dir.path().join(".report.txt.guestd-upload-0123456789abcdef");
+    std::fs::write(&temp, b"content").unwrap();
+    std::fs::rename(&temp, dir.path().join("report.txt")).unwrap();
+    std::fs::write(dir.path().join("sentinel"), b"").unwrap();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|(_, name): &(guestd::watch::EventKind, String)| name == "sentinel") {
+        let event =
+            tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+        seen.push((event.kind, event.name));
+    }
+    use guestd::watch::EventKind::*;
+    let report: Vec<_> = seen.iter().filter(|(_, n)| n == "report.txt").map(|(k, _)| *k).collect();
+    assert_eq!(report, [Create, Chmod, Write], "{seen:?}");
+    assert!(!seen.iter().any(|(_, n)| n.contains("guestd-upload")), "{seen:?}");
+}

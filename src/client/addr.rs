@@ -111,7 +111,10 @@ mod tests {
             parse("unix:///run/fc/v.sock:49983"),
             GuestAddr::HybridVsock { path: "/run/fc/v.sock".into(), port: 49983 }
         );
-        assert_eq!(parse("unix:///tmp/a:b/v.sock:7"), GuestAddr::HybridVsock { path: "/tmp/a:b/v.sock".into(), port: 7 });
+        assert_eq!(
+            parse("unix:///tmp/a:b/v.sock:7"),
+            GuestAddr::HybridVsock { path: "/tmp/a:b/v.sock".into(), port: 7 }
+        );
     }
 
     #[test]

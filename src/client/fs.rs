@@ -84,12 +84,8 @@ impl Client {
     /// Watches `path`; returns once guestd has armed the watch, so every change made after this
     /// returns is reported.
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<Watcher, ClientError> {
-        let request = pb::WatchDirRequest {
-            path: path.to_owned(),
-            recursive,
-            include_entry: false,
-            allow_network_mounts: false,
-        };
+        let request =
+            pb::WatchDirRequest { path: path.to_owned(), recursive, include_entry: false, allow_network_mounts: false };
         let mut events: WatchStream = Box::pin(
             self.filesystem_rpc().watch_dir(request).await.map_err(|s| ClientError::rpc("WatchDir", s))?.into_inner(),
         );

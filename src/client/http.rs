@@ -159,7 +159,12 @@ impl Client {
     }
 
     /// Uploads the local file `local` to `remote`.
-    pub async fn upload_file(&self, local: &Path, remote: &str, progress: Arc<dyn Progress>) -> Result<u64, ClientError> {
+    pub async fn upload_file(
+        &self,
+        local: &Path,
+        remote: &str,
+        progress: Arc<dyn Progress>,
+    ) -> Result<u64, ClientError> {
         let local_err = |source| ClientError::Local { what: format!("opening {}", local.display()), source };
         let file = tokio::fs::File::open(local).await.map_err(local_err)?;
         let len = file.metadata().await.map_err(local_err)?.len();
@@ -167,7 +172,12 @@ impl Client {
     }
 
     /// Streams the guest file `remote` into `writer`; returns the bytes written.
-    pub async fn download<W>(&self, remote: &str, writer: &mut W, progress: Arc<dyn Progress>) -> Result<u64, ClientError>
+    pub async fn download<W>(
+        &self,
+        remote: &str,
+        writer: &mut W,
+        progress: Arc<dyn Progress>,
+    ) -> Result<u64, ClientError>
     where
         W: AsyncWrite + Unpin,
     {
@@ -195,7 +205,10 @@ impl Client {
             written += data.len() as u64;
             progress.advance(data.len() as u64);
         }
-        writer.flush().await.map_err(|source| ClientError::Local { what: "writing the downloaded data".into(), source })?;
+        writer
+            .flush()
+            .await
+            .map_err(|source| ClientError::Local { what: "writing the downloaded data".into(), source })?;
         if let Some(total) = total
             && total != written
         {
@@ -209,12 +222,16 @@ impl Client {
 
     /// Downloads `remote` to the local file `local`. The data goes to a sibling temporary file
     /// renamed over `local` once complete, so a failed download leaves `local` as it was.
-    pub async fn download_file(&self, remote: &str, local: &Path, progress: Arc<dyn Progress>) -> Result<u64, ClientError> {
+    pub async fn download_file(
+        &self,
+        remote: &str,
+        local: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> Result<u64, ClientError> {
         let partial = partial_path(local);
         let local_err = |what: String| move |source| ClientError::Local { what, source };
-        let mut file = tokio::fs::File::create(&partial)
-            .await
-            .map_err(local_err(format!("creating {}", partial.display())))?;
+        let mut file =
+            tokio::fs::File::create(&partial).await.map_err(local_err(format!("creating {}", partial.display())))?;
         let result = self.download(remote, &mut file, progress).await;
         let synced = match result {
             Ok(n) => file.sync_all().await.map(|()| n).map_err(local_err(format!("writing {}", partial.display()))),
@@ -223,7 +240,9 @@ impl Client {
         drop(file);
         match synced {
             Ok(n) => {
-                tokio::fs::rename(&partial, local).await.map_err(local_err(format!("renaming onto {}", local.display())))?;
+                tokio::fs::rename(&partial, local)
+                    .await
+                    .map_err(local_err(format!("renaming onto {}", local.display())))?;
                 Ok(n)
             }
             Err(err) => {

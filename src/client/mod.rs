@@ -108,7 +108,8 @@ impl ClientError {
     pub(crate) fn rpc(method: &'static str, status: tonic::Status) -> ClientError {
         let code = status.code();
         let message = status.message().to_owned();
-        let source = std::error::Error::source(&status).map(|s| Box::<dyn std::error::Error + Send + Sync>::from(s.to_string()));
+        let source =
+            std::error::Error::source(&status).map(|s| Box::<dyn std::error::Error + Send + Sync>::from(s.to_string()));
         ClientError::Rpc { method, code, message, source }
     }
 

@@ -260,7 +260,10 @@ impl Execution {
                 Some(Ok(event)) => event.and_then(|e| e.event),
                 Some(Err(status)) => return Err(ClientError::rpc(method, status)),
                 None => {
-                    return Err(ClientError::Protocol { what: method, detail: "stream ended before the start event".into() });
+                    return Err(ClientError::Protocol {
+                        what: method,
+                        detail: "stream ended before the start event".into(),
+                    });
                 }
             };
             match event {
@@ -317,7 +320,10 @@ impl Execution {
                 Some(process_event::Event::Keepalive(_)) | None => continue,
                 Some(process_event::Event::Start(_)) => {
                     self.done = true;
-                    return Some(Err(ClientError::Protocol { what: self.method, detail: "a second start event".into() }));
+                    return Some(Err(ClientError::Protocol {
+                        what: self.method,
+                        detail: "a second start event".into(),
+                    }));
                 }
             };
             return Some(Ok(event));
@@ -406,9 +412,8 @@ impl Client {
     ) -> Result<(), ClientError> {
         use pb::stream_input_request::{DataEvent, Event, StartEvent};
         let start = pb::StreamInputRequest { event: Some(Event::Start(StartEvent { process: process.to_proto() })) };
-        let data = input.map(|i| pb::StreamInputRequest {
-            event: Some(Event::Data(DataEvent { input: Some(i.to_proto()) })),
-        });
+        let data =
+            input.map(|i| pb::StreamInputRequest { event: Some(Event::Data(DataEvent { input: Some(i.to_proto()) })) });
         let requests = futures_util::stream::iter([start]).chain(data);
         self.process_rpc().stream_input(requests).await.map_err(|s| ClientError::rpc("StreamInput", s))?;
         Ok(())

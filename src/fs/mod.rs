@@ -36,7 +36,7 @@ pub use entry::{EntryInfo, FileKind};
 pub use metadata::{Metadata, MetadataError};
 pub use ops::{ensure_dirs, list_dir, make_dir, remove, rename, stat};
 pub use read::ReadableFile;
-pub use write::AtomicWrite;
+pub use write::{AtomicWrite, is_upload_temp};
 
 /// Who owns the directories and files an operation creates (the request user).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

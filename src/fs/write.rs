@@ -228,13 +228,26 @@ fn follow_symlinks(path: &Path) -> Result<PathBuf, FsError> {
     Err(FsError::CyclicSymlink { path: path.to_path_buf() })
 }
 
+/// Marker in the names of upload temporaries (`.<name>.guestd-upload-<16 hex>`).
+const TEMP_MARKER: &str = ".guestd-upload-";
+
+/// Whether `name` is one of guestd's own upload temporaries, which watchers must not report:
+/// what a watcher sees of an upload is the target being created and written.
+pub fn is_upload_temp(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_bytes();
+    name.first() == Some(&b'.')
+        && name.len() > TEMP_MARKER.len() + 16
+        && name[name.len() - 16..].iter().all(u8::is_ascii_hexdigit)
+        && name[..name.len() - 16].ends_with(TEMP_MARKER.as_bytes())
+}
+
 fn create_temp(target: &Path) -> Result<(PathBuf, File), FsError> {
     let dir = target.parent().unwrap_or(Path::new("/"));
     let name = target.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
     let kept = String::from_utf8_lossy(&name[..name.len().min(TEMP_NAME_KEEP)]).into_owned();
     let mut last = None;
     for _ in 0..TEMP_NAME_ATTEMPTS {
-        let temp = dir.join(format!(".{kept}.guestd-upload-{:016x}", fastrand::u64(..)));
+        let temp = dir.join(format!(".{kept}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
         match OpenOptions::new().write(true).create_new(true).mode(0o666).open(&temp) {
             Ok(file) => return Ok((temp, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
@@ -290,6 +303,15 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.contains(".guestd-upload-"))
             .collect()
+    }
+
+    #[test]
+    fn upload_temporaries_are_recognized() {
+        use std::ffi::OsStr;
+        assert!(is_upload_temp(OsStr::new(".a.txt.guestd-upload-0123456789abcdef")));
+        assert!(!is_upload_temp(OsStr::new("a.txt.guestd-upload-0123456789abcdef")));
+        assert!(!is_upload_temp(OsStr::new(".a.txt.guestd-upload-0123")));
+        assert!(!is_upload_temp(OsStr::new(".a.txt")));
     }
 
     #[tokio::test]

@@ -125,7 +125,14 @@ pub(super) struct Tree {
     overflowed: Vec<SubId>,
     /// guestd's own cap on `nodes` (see `WatchConfig::max_watches`).
     max_watches: usize,
+    /// Cookies of renames whose source was one of guestd's upload temporaries: their
+    /// IN_MOVED_TO is the upload landing. At most [`MAX_UPLOAD_COOKIES`]; both halves of a
+    /// rename are queued together, so an entry lives for one or two reads.
+    upload_cookies: Vec<u32>,
 }
+
+/// Bound of [`Tree::upload_cookies`]: far more uploads than can land between two reads.
+const MAX_UPLOAD_COOKIES: usize = 256;
 
 impl Tree {
     pub fn new(max_watches: usize) -> Self {
@@ -136,6 +143,7 @@ impl Tree {
             synthesized: HashMap::new(),
             overflowed: Vec::new(),
             max_watches,
+            upload_cookies: Vec::new(),
         }
     }
 
@@ -314,6 +322,28 @@ impl Tree {
         moves: &mut HashMap<u32, Wd>,
     ) {
         let (wd, mask) = (event.wd, event.mask);
+        // An upload's temporary file is an implementation detail: hide it, and report its
+        // landing (rename over the target) as what writing the file in place would show.
+        if !mask.contains(AddWatchFlags::IN_ISDIR) && crate::fs::is_upload_temp(name) {
+            if mask.contains(AddWatchFlags::IN_MOVED_FROM) {
+                if self.upload_cookies.len() >= MAX_UPLOAD_COOKIES {
+                    self.upload_cookies.remove(0);
+                }
+                self.upload_cookies.push(event.cookie);
+            }
+            return;
+        }
+        if mask.contains(AddWatchFlags::IN_MOVED_TO)
+            && let Some(i) = self.upload_cookies.iter().position(|c| *c == event.cookie)
+        {
+            self.upload_cookies.swap_remove(i);
+            for (sub, rel) in self.audience(wd) {
+                for kind in [EventKind::Create, EventKind::Chmod, EventKind::Write] {
+                    self.deliver(sub, rel.join(name), kind);
+                }
+            }
+            return;
+        }
         let created = mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
         let key = (wd, name.to_os_string());
         let already = if created {
@@ -628,6 +658,8 @@ fn read_dir_sorted(dir: &Path) -> io::Result<Vec<(OsString, bool)>> {
     let mut entries: Vec<(OsString, bool)> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+        // An upload in flight lands as the target; its temporary is never reported.
+        .filter(|(name, is_dir)| *is_dir || !crate::fs::is_upload_temp(name))
         .collect();
     entries.sort();
     Ok(entries)
