@@ -552,3 +552,29 @@ async fn guestctl_init_ps_kill_and_health() {
     assert!(stdout.starts_with(&format!("ok: {addr} answered in")), "{stdout}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn zz_scratch_startup_cost() {
+    for _ in 0..3 {
+        let t = Instant::now();
+        let _pool = prost_reflect::DescriptorPool::decode(guestd::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let decode = t.elapsed();
+        let t = Instant::now();
+        let server = guestd::server::Server::bind(&guestd::config::Config::loopback("root")).await.unwrap();
+        let bind = t.elapsed();
+        let addr = server.tcp_addr().unwrap();
+        let t = Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = rx.await;
+        }));
+        let c = Client::connect(format!("tcp://{addr}").parse().unwrap(), ClientOptions::default()).await.unwrap();
+        let connected = t.elapsed();
+        let out = c.output(&Command::new("true")).await.unwrap();
+        let first = t.elapsed();
+        assert!(out.status.success());
+        println!("decode {decode:?} bind {bind:?} serve->connected {connected:?} first command {first:?}");
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+}

@@ -148,7 +148,7 @@ impl Target {
 
 #[derive(Debug, Args)]
 struct InitArgs {
-    /// Environment variable for every later process (repeatable).
+    /// Environment variable for every later process (repeatable; replaces the set of any earlier init).
     #[arg(short, long = "env", value_name = "K=V", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
     /// Require this token on every later request.

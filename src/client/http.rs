@@ -50,6 +50,7 @@ impl Progress for NoProgress {}
 #[derive(Debug, Clone, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InitRequest {
+    /// Env vars for every later process; replaces the set of any earlier `/init`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<BTreeMap<String, String>>,
     /// From now on every request must carry this token (see [`Client::with_access_token`]).

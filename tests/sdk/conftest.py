@@ -100,6 +100,18 @@ def _describe(procs: list[Proc]) -> str:
     return "\n".join(f"    pid {p.pid} (ppid {p.ppid}, state {p.state}): {p.cmdline}" for p in procs)
 
 
+_LOG_DIR: Optional[str] = None
+
+
+def _log_dir() -> str:
+    """`GUESTD_TEST_LOG_DIR`, else one temp dir for the whole run (every guestd logs there)."""
+    global _LOG_DIR
+    if _LOG_DIR is None:
+        _LOG_DIR = os.environ.get("GUESTD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="guestd-sdk-")
+        os.makedirs(_LOG_DIR, exist_ok=True)
+    return _LOG_DIR
+
+
 def launch_guestd(
     extra_args: Sequence[str] = (),
     *,
@@ -121,8 +133,7 @@ def launch_guestd(
         pytest.fail(f"GUESTD_BIN={binary} is not an executable file", pytrace=False)
 
     port = _free_port()
-    log_dir = os.environ.get("GUESTD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="guestd-sdk-")
-    os.makedirs(log_dir, exist_ok=True)
+    log_dir = _log_dir()
     suffix = "" if name == "guestd" else f"-{name}-{port}"
     log_path = os.path.join(log_dir, f"guestd-{RUN_ID}{suffix}.log")
     child_env = dict(os.environ)

@@ -17,7 +17,7 @@ import io
 import os
 import pwd
 import stat
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -376,8 +376,11 @@ def test_get_info_of_a_file(sandbox, tmp_path):
     assert info.symlink_target is None
     assert info.modified_time.tzinfo is not None
     assert abs((info.modified_time - datetime.now(timezone.utc)).total_seconds()) < 10
-    # Nanosecond mtime survives the wire (rpc.md §3.2), up to the SDK's datetime microseconds.
-    assert int(info.modified_time.timestamp() * 1_000_000) == st.st_mtime_ns // 1000
+    # The exact mtime survives the wire (rpc.md §3.2: ns Timestamp), up to the SDK's rounding
+    # to datetime microseconds.
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    got_us = (info.modified_time - epoch) // timedelta(microseconds=1)
+    assert abs(got_us * 1000 - st.st_mtime_ns) <= 1000, (info.modified_time, st.st_mtime_ns)
 
 
 def test_get_info_of_a_directory(sandbox, tmp_path):
