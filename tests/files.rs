@@ -3,9 +3,9 @@
 //! ownership, and the atomic-upload guarantees (truncated, aborted, out of space → old content
 //! intact, no temporary file left).
 //!
-//! The router under test is `guestd::http::files::method_router`, served by hyper-util's auto
-//! builder exactly as `guestd::server` serves its stack. Tests whose name ends in `_as_root`
-//! need root (chown to another user, tmpfs mounts) and say so when skipped.
+//! Each test starts the real server (`tests/common`), so requests pass the same layers as in
+//! production (CORS, access-token gate, Connect pass-through). Tests whose name ends in
+//! `_as_root` need root (chown to another user, tmpfs mounts) and say so when skipped.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -16,40 +16,25 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use guestd::http::files::{FilesState, method_router};
-use guestd::session::Session;
+mod common;
 
 type Body = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
 
-/// Serves `/files` on an ephemeral port for the rest of the test; default user root.
-async fn serve() -> SocketAddr {
-    let app = Router::new().route("/files", method_router(FilesState { session: Session::new("root") }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let service = TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder.http1().timer(TokioTimer::new());
-                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    });
-    addr
+/// A real guestd (`guestd::server::Server`, default user root) on an ephemeral port; keep the
+/// returned handle alive for the test's duration.
+async fn serve() -> (SocketAddr, common::TestServer) {
+    let server = common::TestServer::start().await;
+    (server.addr, server)
 }
 
 struct Reply {
@@ -221,7 +206,7 @@ fn test_user() -> &'static guestd::users::User {
 
 #[tokio::test]
 async fn octet_stream_upload_then_identity_download() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("hello.txt");
     let reply = upload_raw(addr, &path, "hello, world\n", &[]).await;
@@ -243,7 +228,7 @@ async fn octet_stream_upload_then_identity_download() {
 
 #[tokio::test]
 async fn octet_stream_requires_path_and_known_types() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let reply = send(addr, post("/files", &[OCTET], full("x"))).await;
     assert_eq!(reply.error(StatusCode::BAD_REQUEST), "path query parameter is required for raw body upload");
     let reply = send(addr, post("/files?path=/tmp/x", &[("content-type", "text/plain")], full("x"))).await;
@@ -256,7 +241,7 @@ async fn octet_stream_requires_path_and_known_types() {
 
 #[tokio::test]
 async fn multipart_single_file_with_path_override() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let target = root.join("override.bin");
     let (ct, body) = multipart(&[("file", Some("ignored-name.txt"), b"payload")]);
@@ -270,7 +255,7 @@ async fn multipart_single_file_with_path_override() {
 
 #[tokio::test]
 async fn multipart_several_files_keep_directories_and_skip_other_fields() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let a = root.join("a.txt");
     let b = root.join("nested/deeper/b.txt");
@@ -294,7 +279,7 @@ async fn multipart_several_files_keep_directories_and_skip_other_fields() {
 
 #[tokio::test]
 async fn multipart_without_file_parts_answers_empty_list() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (ct, body) = multipart(&[("other", None, b"x")]);
     let reply = send(addr, post("/files", &[("content-type", &ct)], full(body))).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -303,7 +288,7 @@ async fn multipart_without_file_parts_answers_empty_list() {
 
 #[tokio::test]
 async fn multipart_duplicate_target_is_refused_after_the_first() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let target = root.join("dup.txt");
     let (ct, body) = multipart(&[("file", Some("one"), b"first"), ("file", Some("two"), b"second")]);
@@ -322,7 +307,7 @@ async fn multipart_relative_filenames_resolve_against_the_users_home_as_root() {
         return;
     }
     let user = test_user();
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let unique = format!("rel-{:x}", fastrand::u64(..));
     let (ct, body) = multipart(&[("file", Some(&format!("{unique}/dir/x.txt")), b"rel")]);
     let reply = send(addr, post(&query(&[("username", &user.name)]), &[("content-type", &ct)], full(body))).await;
@@ -335,7 +320,7 @@ async fn multipart_relative_filenames_resolve_against_the_users_home_as_root() {
 
 #[tokio::test]
 async fn malformed_multipart_is_refused_and_leaves_no_trace() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let target = root.join("victim.txt");
     std::fs::write(&target, b"old content").unwrap();
@@ -364,7 +349,7 @@ async fn malformed_multipart_is_refused_and_leaves_no_trace() {
 
 #[tokio::test]
 async fn gzip_encoded_uploads_octet_stream_and_multipart() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let data = pattern(3 << 20);
     let path = root.join("big.bin");
@@ -383,7 +368,7 @@ async fn gzip_encoded_uploads_octet_stream_and_multipart() {
 
 #[tokio::test]
 async fn truncated_gzip_keeps_the_old_file_and_leaves_no_temp() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("keep.bin");
     std::fs::write(&path, b"old content").unwrap();
@@ -403,7 +388,7 @@ async fn truncated_gzip_keeps_the_old_file_and_leaves_no_temp() {
 
 #[tokio::test]
 async fn chunked_upload_without_content_length() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("chunked.bin");
     let data = pattern(5 << 20);
@@ -425,7 +410,7 @@ async fn chunked_upload_without_content_length() {
 
 #[tokio::test]
 async fn metadata_roundtrip_and_validation() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("meta.txt");
     let reply = upload_raw(addr, &path, "m", &[("X-Metadata-Owner", "alice"), ("x-metadata-Stage", "draft")]).await;
@@ -454,16 +439,21 @@ async fn metadata_roundtrip_and_validation() {
 
 #[tokio::test]
 async fn upload_onto_a_directory_is_refused() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let reply = upload_raw(addr, &root, "x", &[]).await;
     let message = reply.error(StatusCode::BAD_REQUEST);
     assert_eq!(message, format!("path is a directory: {}", root.display()));
+
+    // A file where a parent directory has to be.
+    std::fs::write(root.join("plain"), b"").unwrap();
+    let reply = upload_raw(addr, &root.join("plain/child.txt"), "x", &[]).await;
+    assert_eq!(reply.error(StatusCode::BAD_REQUEST), format!("path is a file: {}", root.join("plain").display()));
 }
 
 #[tokio::test]
 async fn unknown_user_is_401_both_ways() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let reply = send(addr, get(&query(&[("path", "/etc/hostname"), ("username", "no-such-guestd-user")]), &[])).await;
     assert_eq!(reply.error(StatusCode::UNAUTHORIZED), "error looking up user: unknown user 'no-such-guestd-user'");
     let uri = query(&[("path", "/tmp/x"), ("username", "no-such-guestd-user")]);
@@ -478,7 +468,7 @@ async fn new_files_parents_and_overwritten_files_belong_to_the_user_as_root() {
         return;
     }
     let user = test_user();
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("p1/p2/new.txt");
     let uri = query(&[("path", path.to_str().unwrap()), ("username", &user.name)]);
@@ -506,7 +496,7 @@ async fn new_files_parents_and_overwritten_files_belong_to_the_user_as_root() {
 
 #[tokio::test]
 async fn aborted_uploads_keep_the_old_file_and_leave_no_temp() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("precious.txt");
     std::fs::write(&path, b"old content").unwrap();
@@ -587,7 +577,7 @@ async fn out_of_space_is_507_and_keeps_the_old_file_as_root() {
             return;
         }
     };
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let path = tmpfs.path().join("data.bin");
     std::fs::write(&path, b"old content").unwrap();
     let reply = upload_raw(addr, &path, pattern(3 << 20), &[]).await;
@@ -613,7 +603,7 @@ async fn out_of_space_is_507_and_keeps_the_old_file_as_root() {
 
 #[tokio::test]
 async fn gzip_download_when_accepted() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("data.json");
     let data = pattern(2 << 20);
@@ -629,11 +619,25 @@ async fn gzip_download_when_accepted() {
 
     let reply = send(addr, get(&uri, &[("accept-encoding", "br, identity;q=0")])).await;
     assert_eq!(reply.error(StatusCode::NOT_ACCEPTABLE), "no acceptable encoding found, supported: [gzip]");
+
+    // Already-compressed content goes out as identity even when gzip is welcome...
+    let archive = root.join("archive.tar.gz");
+    let packed = gzip(&data);
+    std::fs::write(&archive, &packed).unwrap();
+    let uri = query(&[("path", archive.to_str().unwrap())]);
+    let reply = send(addr, get(&uri, &[("accept-encoding", "gzip, deflate")])).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("content-encoding"), None);
+    assert_eq!(reply.body, packed);
+    // ...but still gzip-encoded when identity is ruled out.
+    let reply = send(addr, get(&uri, &[("accept-encoding", "gzip, identity;q=0")])).await;
+    assert_eq!(reply.header("content-encoding"), Some("gzip"));
+    assert_eq!(gunzip(&reply.body), packed);
 }
 
 #[tokio::test]
 async fn range_requests() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("digits.txt");
     std::fs::write(&path, b"0123456789").unwrap();
@@ -670,7 +674,7 @@ async fn range_requests() {
 
 #[tokio::test]
 async fn conditional_requests() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("cond.txt");
     std::fs::write(&path, b"cached").unwrap();
@@ -697,7 +701,7 @@ async fn conditional_requests() {
 
 #[tokio::test]
 async fn download_errors_are_json() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let missing = root.join("missing.txt");
     let reply = send(addr, get(&query(&[("path", missing.to_str().unwrap())]), &[])).await;
@@ -710,7 +714,7 @@ async fn download_errors_are_json() {
 
 #[tokio::test]
 async fn content_disposition_and_sniffing() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("日本 report");
     std::fs::write(&path, b"\x7fELF\x02\x01\x01\x00binary").unwrap();
@@ -722,7 +726,7 @@ async fn content_disposition_and_sniffing() {
 
 #[tokio::test]
 async fn procfs_files_stream_to_end_of_file() {
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let reply = send(addr, get(&query(&[("path", "/proc/self/status")]), &[])).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&reply.body).contains("Pid:"));
@@ -733,7 +737,7 @@ async fn procfs_files_stream_to_end_of_file() {
 #[tokio::test]
 async fn large_round_trip_streams_both_ways() {
     use sha2::{Digest, Sha256};
-    let addr = serve().await;
+    let (addr, _server) = serve().await;
     let (_dir, root) = workdir();
     let path = root.join("large.bin");
     let data = pattern(64 << 20);

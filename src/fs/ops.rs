@@ -82,9 +82,13 @@ struct Level {
     names: Vec<OsString>,
 }
 
-/// Directory entries sorted like Go's `os.ReadDir` (bytewise), reversed for popping.
+/// Directory entries sorted like Go's `os.ReadDir` (bytewise), reversed for popping. Upload
+/// temporaries in flight are left out, as watchers leave them out: until its rename, an
+/// upload is invisible, then it is the target.
 fn read_sorted(dir: &Path) -> io::Result<Vec<OsString>> {
-    let mut names = fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<Vec<_>>>()?;
+    let mut names = fs::read_dir(dir)?
+        .filter_map(|e| e.map(|e| e.file_name()).map(|n| (!super::is_upload_temp(&n)).then_some(n)).transpose())
+        .collect::<io::Result<Vec<_>>>()?;
     names.sort_unstable_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
     Ok(names)
 }
@@ -247,6 +251,8 @@ mod tests {
         let empty = root.join("empty");
         fs::create_dir(&empty).unwrap();
         assert!(list_dir(&empty, 3).unwrap().is_empty());
+        fs::write(empty.join(".x.guestd-upload-0123456789abcdef"), b"in flight").unwrap();
+        assert!(list_dir(&empty, 1).unwrap().is_empty(), "upload temporaries are not listed");
     }
 
     #[test]

@@ -129,9 +129,10 @@ enum FilesError {
 /// The one mapping from `/files` errors to HTTP statuses. envd's codes where it has them
 /// (http.md §4.5–4.6): 400 bad input, 401 unknown user, 404 missing, 406 unacceptable
 /// encoding, 507 out of space, 500 otherwise. Deliberate choices beyond envd: a malformed or
-/// truncated body (multipart or gzip) is the client's fault, 400 (envd: 500); a non-regular
-/// file or a symlink loop is 400; EACCES/EPERM is 403 (envd: 500 — the SDK treats both as a
-/// generic `SandboxException`).
+/// truncated body (multipart or gzip) is the client's fault, 400 (envd: 500); so is a file
+/// where a parent directory must be ("path is a file", envd: 500 — the RPCs answer
+/// `invalid_argument` for it too), a non-regular file or a symlink loop; EACCES/EPERM is 403
+/// (envd: 500 — the SDK treats both as a generic `SandboxException`).
 fn status(err: &FilesError) -> StatusCode {
     match err {
         FilesError::Query(_)
@@ -156,13 +157,13 @@ fn status(err: &FilesError) -> StatusCode {
             FsError::IsADirectory { .. }
             | FsError::NotADirectory { .. }
             | FsError::NotRegularFile { .. }
+            | FsError::ParentNotDirectory { .. }
             | FsError::CyclicSymlink { .. }
             | FsError::NetworkMount { .. } => StatusCode::BAD_REQUEST,
             FsError::AlreadyExists { .. } => StatusCode::CONFLICT,
             FsError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             FsError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            // envd: "error ensuring directories: path is a file: ..." is a 500.
-            FsError::ParentNotDirectory { .. } | FsError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            FsError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         },
         FilesError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -178,7 +179,7 @@ struct ErrorBody {
 impl IntoResponse for FilesError {
     fn into_response(self) -> Response {
         let status = status(&self);
-        let message = error_chain(&self);
+        let message = crate::error_chain(&self);
         if status.is_server_error() {
             tracing::warn!(%status, error = %message, "files request failed");
         } else {
@@ -197,18 +198,6 @@ impl IntoResponse for FilesError {
         }
         response
     }
-}
-
-/// "what failed: why: root cause", like the RPC adapters' messages.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// One written file in the upload response (envd's `EntryInfo` of `/files`).

@@ -2,7 +2,9 @@
 //!
 //! Order of checks as envd: user (401) → path (400) → open (404 missing, 400 directory) →
 //! `Accept-Encoding` (406). gzip is chosen per envd's negotiation, except that any `Range` or
-//! conditional header forces identity so 206/304 keep working. Identity responses follow Go's
+//! conditional header forces identity so 206/304 keep working, and (beyond envd) content that
+//! is already compressed (archives, images, media — by magic bytes) goes out as identity
+//! whenever the client accepts identity: gzip would only burn CPU on it. Identity responses follow Go's
 //! `http.ServeContent`: `Last-Modified`, `Accept-Ranges`, single and multipart ranges,
 //! `If-(Un)Modified-Since`/`If-(None-)Match`/`If-Range`; no ETag.
 //!
@@ -52,7 +54,12 @@ async fn download(
     tracing::Span::current().record("path", tracing::field::display(path.display()));
 
     let opened = path.clone();
-    let file = blocking(move || Ok(ReadableFile::open(&opened)?)).await?;
+    let (file, head) = blocking(move || {
+        let file = ReadableFile::open(&opened)?;
+        let head = file.head(SNIFF_LEN)?;
+        Ok((file, head))
+    })
+    .await?;
 
     let negotiated = negotiate(headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()));
     let conditional = [header::RANGE, header::IF_MODIFIED_SINCE, header::IF_NONE_MATCH, header::IF_RANGE]
@@ -61,6 +68,11 @@ async fn download(
     let coding = match negotiated {
         Negotiated { identity_ok: false, .. } if conditional => return Err(FilesError::NotAcceptable),
         _ if conditional => Coding::Identity,
+        // Accept-Encoding is advisory: content gzip cannot shrink goes out as is, saving the
+        // CPU of compressing it (archives, images, media).
+        Negotiated { best: Some(Coding::Gzip), identity_ok: true } if media::already_compressed(&head) => {
+            Coding::Identity
+        }
         Negotiated { best: Some(coding), .. } => coding,
         Negotiated { best: None, .. } => return Err(FilesError::NotAcceptable),
     };
@@ -72,7 +84,7 @@ async fn download(
     }
     match coding {
         Coding::Gzip => Ok(gzip_response(common, &raw_path, &file)),
-        Coding::Identity => identity_response(common, &raw_path, file, &headers).await,
+        Coding::Identity => identity_response(common, &raw_path, file, &head, &headers),
     }
 }
 
@@ -187,10 +199,11 @@ fn gzip(inner: BoxStream<'static, io::Result<Bytes>>) -> impl futures_util::Stre
     })
 }
 
-async fn identity_response(
+fn identity_response(
     mut headers: HeaderMap,
     raw_path: &str,
     file: ReadableFile,
+    head: &[u8],
     request: &HeaderMap,
 ) -> Result<Response, FilesError> {
     if let Some(modified) = file.modified.filter(|m| *m != SystemTime::UNIX_EPOCH)
@@ -204,14 +217,7 @@ async fn identity_response(
         Precondition::Proceed { use_range } => use_range,
     };
 
-    let content_type = match media::type_by_extension(raw_path) {
-        Some(by_extension) => by_extension,
-        None => {
-            let sniffed = file.clone();
-            let head = blocking(move || Ok(sniffed.head(SNIFF_LEN)?)).await?;
-            media::sniff(&head).to_owned()
-        }
-    };
+    let content_type = media::type_by_extension(raw_path).unwrap_or_else(|| media::sniff(head).to_owned());
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 
     let size = file.size;

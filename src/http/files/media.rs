@@ -311,6 +311,27 @@ pub(crate) fn sniff(data: &[u8]) -> &'static str {
     if data.iter().any(binary) { "application/octet-stream" } else { "text/plain; charset=utf-8" }
 }
 
+/// Whether `head` starts like a format that is already compressed (archives, images, audio,
+/// video). gzip cannot shrink these; downloads send them as identity when the client allows.
+pub(crate) fn already_compressed(head: &[u8]) -> bool {
+    const MAGIC: &[&[u8]] = &[
+        b"\xFD7zXZ\x00",       // xz
+        b"\x28\xB5\x2F\xFD",   // zstd
+        b"BZh",                // bzip2
+        b"7z\xBC\xAF\x27\x1C", // 7-zip
+        b"\x04\x22\x4D\x18",   // lz4 frame
+    ];
+    let sniffed = sniff(head);
+    sniffed.starts_with("image/") && sniffed != "image/bmp" && sniffed != "image/x-icon"
+        || sniffed.starts_with("video/")
+        || sniffed.starts_with("audio/")
+        || matches!(
+            sniffed,
+            "application/zip" | "application/x-gzip" | "application/x-rar-compressed" | "application/ogg"
+        )
+        || MAGIC.iter().any(|magic| head.starts_with(magic))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,5 +387,16 @@ mod tests {
         assert_eq!(sniff(b"  <html><body>"), "text/html; charset=utf-8");
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), "image/png");
         assert_eq!(sniff(b""), "text/plain; charset=utf-8");
+    }
+
+    #[test]
+    fn compressed_formats_are_recognised() {
+        assert!(already_compressed(b"\x1F\x8B\x08\x00rest"));
+        assert!(already_compressed(b"PK\x03\x04rest"));
+        assert!(already_compressed(b"\x89PNG\r\n\x1a\nrest"));
+        assert!(already_compressed(b"\x28\xB5\x2F\xFDrest"));
+        assert!(!already_compressed(b"plain text"));
+        assert!(!already_compressed(b"BM bitmap"));
+        assert!(!already_compressed(b"\x7fELF\x02"));
     }
 }
