@@ -39,14 +39,15 @@ command -v lz4 >/dev/null || missing+=(lz4)
 command -v file >/dev/null || missing+=(file)
 if [ ${#missing[@]} -gt 0 ]; then
   had_qemu_utils=$(dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -c 'ok installed' || true)
-  apt() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@"; }
-  apt update -qq
-  apt install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Another apt run (e.g. a parallel test tier) may hold the lock: wait for it.
+  apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+  apt_get update -qq
+  apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Installing qemu-system-x86 can remove a preinstalled qemu-utils from another suite
   # (bookworm-backports here); put qemu-img back so nothing else loses it.
   if [ "$had_qemu_utils" = 1 ] && ! dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'ok installed'; then
     echo "apt removed qemu-utils while installing QEMU; reinstalling it"
-    apt install -y -qq --no-install-recommends qemu-utils >/dev/null
+    apt_get install -y -qq --no-install-recommends qemu-utils >/dev/null
   fi
 fi
 qemu-system-x86_64 --version | head -1

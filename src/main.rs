@@ -6,6 +6,11 @@ use clap::Parser;
 use guestd::config::{Args, Config, LogFormat, ProcessEnvironment, translate_envd_flags};
 use tracing_subscriber::EnvFilter;
 
+/// See `scripts/build-static.sh` for why the static build may use mimalloc.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse_from(translate_envd_flags(std::env::args()));
     if args.envd_version {

@@ -84,10 +84,20 @@ impl Pid1 {
 }
 
 /// Whether any process other than PID 1 is left (zombies are reaped by the reaper thread).
+/// Kernel threads (kthreadd, pid 2, and its children) never go away and do not count.
 fn other_processes_exist() -> bool {
     std::fs::read_dir("/proc").is_ok_and(|entries| {
-        entries.flatten().any(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| pid > 1))
+        entries.flatten().any(|e| {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { return false };
+            pid > 2 && parent_of(pid).is_some_and(|ppid| ppid != 2)
+        })
     })
+}
+
+/// The parent pid from `/proc/PID/stat` (the field after the parenthesized command name).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Mount points from /proc/self/mountinfo (empty when /proc is not mounted yet).
@@ -95,4 +105,16 @@ fn mount_points() -> HashSet<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|info| info.lines().filter_map(|l| l.split(' ').nth(4)).map(str::to_owned).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_pid_is_read_from_proc() {
+        let me = std::process::id();
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw() as u32));
+        assert_eq!(parent_of(u32::MAX), None);
+    }
 }

@@ -147,9 +147,10 @@ impl Server {
         // The boot task may be waiting for an /init that will never come.
         boot_task.abort();
         tracker.close();
-        // Each accept loop drains its own connections within the grace period.
-        tracker.wait().await;
-        self.agent.processes.shutdown(SHUTDOWN_GRACE).await;
+        // Processes end while connections drain, so their output streams finish instead of
+        // holding the drain for the whole grace period. Each accept loop drains its own
+        // connections within the grace period.
+        tokio::join!(tracker.wait(), self.agent.processes.shutdown(SHUTDOWN_GRACE));
     }
 }
 

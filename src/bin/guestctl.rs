@@ -31,7 +31,13 @@ const STDIN_CHUNK: usize = 32 * 1024;
 
 /// Drive a guestd from the host: run commands, copy files, look around.
 #[derive(Debug, Parser)]
-#[command(name = "guestctl", version, about)]
+#[command(
+    name = "guestctl",
+    version,
+    about,
+    after_help = "Power a micro-VM guest off cleanly: `guestctl run -- kill -TERM 1` (guestd, as PID 1, stops \
+                  serving, ends its processes and powers the machine off)."
+)]
 struct Cli {
     /// Where guestd is: tcp://HOST:PORT, vsock://CID:PORT, or unix:///path/to/v.sock:PORT (the
     /// hybrid-vsock socket of Firecracker, Cloud Hypervisor or vhost-device-vsock).
@@ -100,6 +106,8 @@ enum Cmd {
     Init(InitArgs),
     /// Check that guestd answers (GET /health).
     Health,
+    /// Show whether the start command is ready (GET /ready); exits 1 while it is not.
+    Ready,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +207,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         user: cli.user,
         access_token: cli.token,
     };
+    if let Cmd::Cp { src, dst, .. } = &cli.command {
+        // Refuse a meaningless copy before dialing anything.
+        copy_direction(src, dst)?;
+    }
     let client = Client::connect(cli.addr, options).await?;
     match cli.command {
         Cmd::Run(args) => run(&client, args).await,
@@ -257,6 +269,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             };
             client.init(&request).await?;
             Ok(0)
+        }
+        Cmd::Ready => {
+            let readiness = client.ready().await?;
+            writeln!(std::io::stdout(), "{}", readiness.detail)?;
+            Ok(if readiness.ready { 0 } else { 1 })
         }
         Cmd::Health => {
             let start = Instant::now();
@@ -466,8 +483,7 @@ async fn copy(client: &Client, src: &str, dst: &str, quiet: bool) -> Result<(), 
             };
             (bytes, format!("guest:{remote} -> {dst}"))
         }
-        (Some(_), Some(_)) => return Err("both sides are in the guest; use `run -- cp SRC DST` there".into()),
-        (None, None) => return Err(format!("neither side is in the guest: prefix one with `{GUEST_PREFIX}`").into()),
+        _ => return copy_direction(src, dst).map(drop),
     };
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -479,6 +495,16 @@ async fn copy(client: &Client, src: &str, dst: &str, quiet: bool) -> Result<(), 
         );
     }
     Ok(())
+}
+
+/// Checks that exactly one side of `cp` is in the guest; true when uploading.
+fn copy_direction(src: &str, dst: &str) -> Result<bool, Failure> {
+    match (src.starts_with(GUEST_PREFIX), dst.starts_with(GUEST_PREFIX)) {
+        (false, true) => Ok(true),
+        (true, false) => Ok(false),
+        (true, true) => Err("both sides are in the guest; use `run -- cp SRC DST` there".into()),
+        (false, false) => Err(format!("neither side is in the guest: prefix one with `{GUEST_PREFIX}`").into()),
+    }
 }
 
 /// Host file name used when the guest destination is a directory (`guest:/tmp/`).

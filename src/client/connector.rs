@@ -79,9 +79,10 @@ pub enum ConnectError {
         source: io::Error,
     },
     /// Something at the address actively refused the connection, up to the deadline.
-    #[error("connection to {addr} refused (kept trying for {})", secs(*.waited))]
+    #[error("connection to {addr} refused ({attempts} attempt{} in {})", if *.attempts == 1 { "" } else { "s" }, secs(*.waited))]
     Refused {
         addr: GuestAddr,
+        attempts: u32,
         waited: Duration,
         #[source]
         source: io::Error,
@@ -222,6 +223,7 @@ impl Connector {
                     if Instant::now() + backoff >= deadline {
                         return Err(ConnectError::Refused {
                             addr: (*self.addr).clone(),
+                            attempts,
                             waited: start.elapsed(),
                             source,
                         });

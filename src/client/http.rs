@@ -96,7 +96,7 @@ impl Client {
         const WHAT: &str = "GET /ready";
         let response = self.exchange(WHAT, self.request(Method::GET, "/ready").body(Empty::<Bytes>::new())).await?;
         let status = response.status();
-        let body = read_limited(WHAT, response.into_body()).await.map_err(|source| self.transport(WHAT, source))?;
+        let body = read_limited(response.into_body()).await.map_err(|source| self.transport(WHAT, source))?;
         let detail = serde_json::from_slice(&body)
             .map_err(|e| ClientError::Protocol { what: WHAT, detail: format!("not JSON: {e}") })?;
         Ok(Readiness { ready: status == StatusCode::OK, detail })
@@ -310,7 +310,7 @@ async fn expect_success(what: &'static str, response: Response<Incoming>) -> Res
     if status.is_success() {
         return Ok(response);
     }
-    let body = read_limited(what, response.into_body()).await.unwrap_or_default();
+    let body = read_limited(response.into_body()).await.unwrap_or_default();
     let message = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
@@ -320,7 +320,7 @@ async fn expect_success(what: &'static str, response: Response<Incoming>) -> Res
 }
 
 /// Reads a small body (error messages, JSON status), at most [`MAX_ERROR_BODY`] bytes.
-async fn read_limited(_what: &'static str, body: Incoming) -> Result<Bytes, hyper::Error> {
+async fn read_limited(body: Incoming) -> Result<Bytes, hyper::Error> {
     let limited = http_body_util::Limited::new(body, MAX_ERROR_BODY);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),

@@ -10,7 +10,7 @@ from the host with the real E2B SDK in debug mode.
   serialised by a lock, so threads can drive several containers at once.
 
 Images come from the environment scripts/test-containers.sh sets: GUESTD_TEMPLATE_IMAGE,
-GUESTD_STARTCMD_IMAGE, GUESTD_SCRATCH_IMAGE; GUESTD_DOCKER is the docker CLI;
+GUESTD_STARTCMD_IMAGE, GUESTD_SCRATCH_IMAGE, GUESTD_OPENRC_IMAGE; GUESTD_DOCKER is the docker CLI;
 GUESTD_CONTAINER_RUN labels the containers.
 """
 
@@ -65,6 +65,11 @@ def startcmd_image() -> str:
 @pytest.fixture(scope="session")
 def scratch_image() -> str:
     return _image("GUESTD_SCRATCH_IMAGE")
+
+
+@pytest.fixture(scope="session")
+def openrc_image() -> str:
+    return _image("GUESTD_OPENRC_IMAGE")
 
 
 @pytest.hookimpl(hookwrapper=True)

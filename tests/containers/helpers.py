@@ -124,6 +124,20 @@ class Container:
     def running(self) -> bool:
         return self.state().get("Running", False)
 
+    def restart(self) -> None:
+        """`docker restart`; Docker may publish the port anew, so the URL and sandbox are renewed."""
+        docker("restart", "-t", "10", self.id, timeout=40)
+        self.port = published_port(self.id)
+        self._sandbox = None
+        ContainerFactory.wait_health(self)
+
+
+def published_port(cid: str) -> int:
+    mapping = docker("port", cid, f"{GUESTD_PORT}/tcp").stdout.split()
+    host, _, port = mapping[0].rpartition(":")
+    assert host == "127.0.0.1", f"port published on {host}, want 127.0.0.1 only: {mapping}"
+    return int(port)
+
 
 class ContainerFactory:
     """Starts containers labelled with the run id; `close` removes every one of them."""
@@ -139,10 +153,12 @@ class ContainerFactory:
         image: str,
         *guestd_args: str,
         volumes: tuple[str, ...] = (),
+        docker_args: tuple[str, ...] = (),
         wait_health: bool = True,
     ) -> Container:
         """`docker run -d` with port 49983 published on 127.0.0.1; arguments after the image
-        are appended to guestd's command line (the images' ENTRYPOINT is guestd)."""
+        are appended to guestd's command line (the images' ENTRYPOINT is guestd);
+        `docker_args` go before the image."""
         args = [
             "run", "-d",
             "--label", f"guestd-test.run={self.run}",
@@ -151,12 +167,10 @@ class ContainerFactory:
         ]
         for v in volumes:
             args += ["-v", v]
+        args += docker_args
         cid = docker(*args, image, *guestd_args).stdout.strip()
         try:
-            mapping = docker("port", cid, f"{GUESTD_PORT}/tcp").stdout.split()
-            host, _, port = mapping[0].rpartition(":")
-            assert host == "127.0.0.1", f"port published on {host}, want 127.0.0.1 only: {mapping}"
-            c = Container(id=cid, image=image, port=int(port))
+            c = Container(id=cid, image=image, port=published_port(cid))
         except BaseException:
             docker("rm", "-f", cid, check=False)
             raise
@@ -203,11 +217,14 @@ for e in os.listdir("/proc"):
             stat = f.read()
         with open(f"/proc/{e}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{e}/oom_score_adj") as f:
+            oom = int(f.read())
     except OSError:
         continue
     rest = stat.rsplit(")", 1)[1].split()
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    out.append({"pid": int(e), "state": rest[0], "ppid": int(rest[1]), "comm": comm, "cmdline": cmdline})
+    out.append({"pid": int(e), "state": rest[0], "ppid": int(rest[1]), "comm": comm, "cmdline": cmdline,
+                "nice": int(rest[16]), "oom_score_adj": oom})
 print(json.dumps(out))
 """
 PROCS_PATH = "/tmp/guestd-test-procs.py"
@@ -220,6 +237,8 @@ class Proc:
     state: str
     comm: str
     cmdline: str
+    nice: int
+    oom_score_adj: int
 
 
 def procs_in(sbx) -> list[Proc]:
@@ -227,4 +246,10 @@ def procs_in(sbx) -> list[Proc]:
     itself included)."""
     sbx.files.write(PROCS_PATH, PROCS_PY)
     out = sbx.commands.run(f"python3 {PROCS_PATH}").stdout
+    return [Proc(**p) for p in json.loads(out)]
+
+
+def procs_via_exec(c: Container) -> list[Proc]:
+    """The same listing taken with `docker exec` (not through guestd)."""
+    out = docker("exec", c.id, "python3", "-c", PROCS_PY).stdout
     return [Proc(**p) for p in json.loads(out)]

@@ -15,6 +15,8 @@
 #   guestd-test/template:latest            packaging/docker/template, no start command
 #   guestd-test/template-startcmd:latest   the same with --build-arg START_CMD/READY_CMD
 #   guestd-test/scratch:latest             packaging/docker/scratch (guestd + static busybox)
+#   guestd-test/openrc:latest              tests/containers/openrc: Debian + OpenRC running
+#                                          packaging/openrc/guestd (OpenRC .debs cached)
 #
 # Cache: ${GUESTD_TEST_CACHE:-~/.cache/guestd-test}/base/ holds the base rootfs tarball; the
 # imported image is tagged guestd-test/base:<key>, key = hash of everything that shapes the rootfs.
@@ -24,6 +26,9 @@ CTR_CACHE="${GUESTD_TEST_CACHE:-$HOME/.cache/guestd-test}"
 CTR_TEMPLATE_IMAGE=guestd-test/template:latest
 CTR_STARTCMD_IMAGE=guestd-test/template-startcmd:latest
 CTR_SCRATCH_IMAGE=guestd-test/scratch:latest
+CTR_OPENRC_IMAGE=guestd-test/openrc:latest
+# OpenRC and what it needs beyond minbase, for the OpenRC test image.
+CTR_OPENRC_DEBS=(openrc insserv libeinfo1 librc1)
 # What the per-image start command test expects (tests/containers/test_boot.py reads these).
 CTR_IMAGE_START_CMD='echo "image start command ran as $(id -un)"; exec sleep 600'
 CTR_IMAGE_READY_CMD='true'
@@ -39,7 +44,7 @@ ctr_step() { printf '\n==> %s\n' "$*" >&2; }
 ctr_apt_install() {
   echo "installing $* (apt-get)" >&2
   apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 # The Debian mirror this machine's apt uses (first non-security URI), for debootstrap.
@@ -167,10 +172,25 @@ ctr_docker_build() {
   echo "built $tag" >&2
 }
 
+# The OpenRC .debs (for the OpenRC test image), downloaded once into the cache; prints the dir.
+ctr_openrc_debs() {
+  local dir="$CTR_CACHE/debs/openrc"
+  if [[ ! -f "$dir/.complete" ]]; then
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    if ! (cd "$dir" && apt-get download "${CTR_OPENRC_DEBS[@]}" >/dev/null 2>&1); then
+      apt-get update -qq >&2
+      (cd "$dir" && apt-get download "${CTR_OPENRC_DEBS[@]}" >/dev/null)
+    fi
+    touch "$dir/.complete"
+  fi
+  echo "$dir"
+}
+
 ctr_build_images() {
   local bin=${GUESTD_STATIC_BIN:?GUESTD_STATIC_BIN: the static guestd to bake in}
   local busybox=/bin/busybox
-  if ! file -b "$busybox" 2>/dev/null | grep -q 'statically linked'; then
+  if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
     ctr_apt_install busybox-static
   fi
   local ctx
@@ -180,12 +200,19 @@ ctr_build_images() {
   cp "$bin" "$ctx/template/guestd"
   cp "$bin" "$ctx/scratch/guestd"
   cp "$busybox" "$ctx/scratch/busybox"
+  mkdir -p "$ctx/openrc/debs"
+  cp "$CTR_ROOT/tests/containers/openrc/Dockerfile" "$ctx/openrc/"
+  cp "$CTR_ROOT/packaging/openrc/guestd" "$ctx/openrc/guestd.initd"
+  cp "$CTR_ROOT/packaging/openrc/guestd.confd" "$ctx/openrc/guestd.confd"
+  cp "$bin" "$ctx/openrc/guestd"
+  cp "$(ctr_openrc_debs)"/*.deb "$ctx/openrc/debs/"
   exec 8>"$CTR_CACHE/images.lock"
   flock 8
   ctr_docker_build "$CTR_TEMPLATE_IMAGE" "$ctx/template" --build-arg "BASE=$CTR_BASE_IMAGE" &&
     ctr_docker_build "$CTR_STARTCMD_IMAGE" "$ctx/template" --build-arg "BASE=$CTR_BASE_IMAGE" \
       --build-arg "START_CMD=$CTR_IMAGE_START_CMD" --build-arg "READY_CMD=$CTR_IMAGE_READY_CMD" &&
-    ctr_docker_build "$CTR_SCRATCH_IMAGE" "$ctx/scratch"
+    ctr_docker_build "$CTR_SCRATCH_IMAGE" "$ctx/scratch" &&
+    ctr_docker_build "$CTR_OPENRC_IMAGE" "$ctx/openrc" --build-arg "BASE=$CTR_BASE_IMAGE"
   local rc=$?
   flock -u 8
   rm -rf "$ctx"

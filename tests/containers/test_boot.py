@@ -79,3 +79,22 @@ def test_start_cmd_from_the_image_and_overridden_per_container(containers, start
                 break
         handle.disconnect()
         assert seen == want_out, f"{box.image} {want_arg!r}"
+
+
+def test_docker_restart_with_tmpfs_run_is_a_new_boot(containers, template_image):
+    """guestd runs the start command once per boot, remembered in /run (a tmpfs in a VM). With
+    `--tmpfs /run`, as packaging/README.md advises, `docker restart` is a new boot and the start
+    command runs again; a command started after boot does not come back."""
+    box = containers.start(
+        template_image, "--start-cmd", "date +%s%N >> /home/user/boots; exec sleep 600",
+        docker_args=("--tmpfs", "/run"),
+    )
+    wait_ready(box)
+    assert box.sandbox().files.read("/home/user/boots").count("\n") == 1
+
+    box.restart()
+    wait_ready(box)
+
+    sbx = box.sandbox()
+    assert sbx.files.read("/home/user/boots").count("\n") == 2, box.logs()
+    assert len([p for p in sbx.commands.list() if p.tag == START_TAG]) == 1
