@@ -6,6 +6,8 @@
 #   2. unit + in-process tests   cargo test (real server on 127.0.0.1:0, gRPC and Connect)
 #   3. SDK tier                  the pinned E2B Python SDK drives a freshly started guestd
 #   4. static build              x86_64-unknown-linux-musl, stripped, checked static
+#   5. micro-VM tier             guestd as PID 1 in a QEMU (TCG) guest, driven over hybrid vsock
+#   6. container tier            guestd baked into images, driven from the host with the SDK
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,3 +42,6 @@ scripts/test-sdk.sh
 
 step "static musl build"
 scripts/build-static.sh
+
+step "micro-VM tier (QEMU TCG guest, hybrid vsock)"
+scripts/test-microvm.sh
