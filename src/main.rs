@@ -24,18 +24,26 @@ fn main() -> anyhow::Result<()> {
     let config = Config::from_args(args, &ProcessEnvironment)?;
     init_logging(config.log_format);
     // PID 1 mounts and adopts orphans before anything can spawn.
-    let pid1 = guestd::pid1::is_pid1().then(guestd::pid1::setup);
+    let pid1 = guestd::pid1::is_pid1().then(|| std::sync::Arc::new(guestd::pid1::setup()));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let served = runtime.block_on(async {
         let server = guestd::server::Server::bind(&config).await?;
-        server.serve(shutdown_signal()).await;
+        let pid1 = pid1.clone();
+        server
+            .serve(async move {
+                shutdown_signal().await;
+                if let Some(pid1) = pid1 {
+                    pid1.begin_shutdown();
+                }
+            })
+            .await;
         anyhow::Ok(())
     });
     drop(runtime);
     if let Err(err) = &served {
         tracing::error!(error = format!("{err:#}"), "guestd failed");
     }
-    if let Some(pid1) = pid1 {
+    if let Some(pid1) = pid1.and_then(|p| std::sync::Arc::into_inner(p)) {
         pid1.finish();
     }
     served

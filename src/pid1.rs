@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::mount::MsFlags;
@@ -39,6 +40,8 @@ pub fn is_pid1() -> bool {
 pub struct Pid1 {
     /// The initial PID namespace of a machine (a VM): power off when guestd exits.
     power_off: bool,
+    /// When the shared grace period ends: set once, by the first of `begin_shutdown`/`finish`.
+    deadline: OnceLock<Instant>,
 }
 
 /// Mounts what is missing and starts adopting orphans. Call before serving.
@@ -60,17 +63,26 @@ pub fn setup() -> Pid1 {
     // Kernel threads live only in the initial PID namespace: kthreadd is always pid 2 there.
     let power_off = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
     tracing::info!(power_off, "running as PID 1");
-    Pid1 { power_off }
+    Pid1 { power_off, deadline: OnceLock::new() }
 }
 
 impl Pid1 {
-    /// SIGTERM to every remaining process, up to `SHUTDOWN_GRACE` for them to go, SIGKILL for the
-    /// rest; then sync and power off in a VM. Returns only where there is no machine to power off.
-    pub fn finish(self) {
-        if let Err(err) = sys::signal_all(Signal::SIGTERM) {
+    /// Shutdown starts: SIGTERM to every process at once (guestd's own commands and orphans
+    /// alike), so everything shares one grace period — a container manager's stop timeout
+    /// (Docker: 10 s) must cover one grace, not two.
+    pub fn begin_shutdown(&self) {
+        if self.deadline.set(Instant::now() + SHUTDOWN_GRACE).is_ok()
+            && let Err(err) = sys::signal_all(Signal::SIGTERM)
+        {
             tracing::warn!(error = %err, "cannot signal remaining processes");
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+    }
+
+    /// Waits for what is left until the shared grace period ends, SIGKILLs the rest; then sync
+    /// and power off in a VM. Returns only where there is no machine to power off.
+    pub fn finish(self) {
+        self.begin_shutdown();
+        let deadline = *self.deadline.get().unwrap_or(&Instant::now());
         while Instant::now() < deadline && other_processes_exist() {
             std::thread::sleep(Duration::from_millis(20));
         }

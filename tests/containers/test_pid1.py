@@ -24,7 +24,7 @@ def _trap(name: str, exit_on_term: bool) -> str:
     return f"trap '{on_term}' TERM; echo up > /out/{name}.up; while :; do sleep 0.05; done"
 
 
-def _stop_scenario(containers, template_image, tmp_path, stubborn: bool):
+def _stop_scenario(containers, template_image, tmp_path, stubborn: bool, stubborn_orphan: bool = False):
     """Starts processes that record SIGTERM in /out, runs `docker stop`, checks guestd exited 0
     in time and every process got SIGTERM."""
     out = tmp_path / "out"
@@ -41,7 +41,8 @@ def _stop_scenario(containers, template_image, tmp_path, stubborn: bool):
         # One that ignores SIGTERM: guestd must SIGKILL it after its grace period, still in time.
         handles.append(sbx.commands.run(_trap("stubborn", exit_on_term=False), background=True))
     # A grandchild in a session of its own, orphaned: only PID 1's final sweep reaches it.
-    sbx.commands.run(f"setsid bash -c \"{_trap('orphan', exit_on_term=True)}\" >/dev/null 2>&1 &")
+    orphan = _trap("orphan", exit_on_term=not stubborn_orphan)
+    sbx.commands.run(f"setsid bash -c \"{orphan}\" >/dev/null 2>&1 &")
     for name in names:
         assert wait_until(lambda: (out / f"{name}.up").exists(), 10), f"{name} did not start"
 
@@ -71,15 +72,12 @@ def test_docker_stop_terms_every_process_then_exits_0_in_time(containers, templa
     _stop_scenario(containers, template_image, tmp_path, stubborn=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guestd bug: on SIGTERM it first waits up to 5 s for open connections (a background "
-    "command's output stream stays open while the command lives), only then SIGTERMs commands and "
-    "waits another 5 s before SIGKILL, then PID 1's sweep: past Docker's 10 s, Docker SIGKILLs it "
-    "(exit 137). src/server.rs Server::serve: stop processes while connections drain.",
-)
 def test_docker_stop_in_time_even_with_a_process_ignoring_sigterm(containers, template_image, tmp_path):
     _stop_scenario(containers, template_image, tmp_path, stubborn=True)
+
+
+def test_docker_stop_in_time_with_a_command_and_an_orphan_ignoring_sigterm(containers, template_image, tmp_path):
+    _stop_scenario(containers, template_image, tmp_path, stubborn=True, stubborn_orphan=True)
 
 
 def test_orphaned_grandchildren_are_reaped(containers, template_image):
