@@ -45,3 +45,6 @@ scripts/build-static.sh
 
 step "micro-VM tier (QEMU TCG guest, hybrid vsock)"
 scripts/test-microvm.sh
+
+step "container tier (images from packaging/, SDK from the host)"
+scripts/test-containers.sh
