@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     if let Err(err) = &served {
         tracing::error!(error = format!("{err:#}"), "guestd failed");
     }
-    if let Some(pid1) = pid1.and_then(|p| std::sync::Arc::into_inner(p)) {
+    if let Some(pid1) = pid1.and_then(std::sync::Arc::into_inner) {
         pid1.finish();
     }
     served

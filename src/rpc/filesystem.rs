@@ -112,11 +112,7 @@ impl Filesystem for FilesystemRpc {
         let keepalive = keepalive_interval(request.metadata());
         let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
         let req = request.get_ref();
-        let opts = WatchOptions {
-            recursive: req.recursive,
-            include_entry: req.include_entry,
-            allow_network_mounts: req.allow_network_mounts,
-        };
+        let opts = watch_options(req.recursive, req.include_entry, req.allow_network_mounts);
         let stream = self.with_watches(move |w| w.watch(&path, opts)).await?;
         Ok(Response::new(Box::pin(watch_events(stream, keepalive))))
     }
@@ -127,11 +123,7 @@ impl Filesystem for FilesystemRpc {
     ) -> Result<Response<CreateWatcherResponse>, Status> {
         let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
         let req = request.get_ref();
-        let opts = WatchOptions {
-            recursive: req.recursive,
-            include_entry: req.include_entry,
-            allow_network_mounts: req.allow_network_mounts,
-        };
+        let opts = watch_options(req.recursive, req.include_entry, req.allow_network_mounts);
         let watcher_id = self.with_watches(move |w| w.create_watcher(&path, opts)).await?;
         Ok(Response::new(CreateWatcherResponse { watcher_id }))
     }
@@ -153,6 +145,11 @@ impl Filesystem for FilesystemRpc {
         self.with_watches(move |w| w.remove_watcher(&id)).await?;
         Ok(Response::new(RemoveWatcherResponse {}))
     }
+}
+
+/// WatchDirRequest and CreateWatcherRequest carry the same three flags.
+fn watch_options(recursive: bool, include_entry: bool, allow_network_mounts: bool) -> WatchOptions {
+    WatchOptions { recursive, include_entry, allow_network_mounts }
 }
 
 /// `start{}`, then events and keepalives; the keepalive timer restarts after every event.

@@ -8,23 +8,11 @@ use tonic::metadata::MetadataMap;
 /// Keepalive interval when the client sends none or an unusable one (envd's default).
 pub(crate) const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
-/// The request deadline from `grpc-timeout` (`<1..8 digits><H|M|S|m|u|n>`), if any and valid.
+/// The request deadline from `grpc-timeout` (Connect's `Connect-Timeout-Ms` arrives translated),
+/// parsed by the same function the deadline layer enforces it with.
 pub(crate) fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
-    let value = md.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    let value = http::HeaderValue::from_bytes(md.get("grpc-timeout")?.as_bytes()).ok()?;
+    crate::connect::parse_grpc_timeout(&value)
 }
 
 /// `Keepalive-Ping-Interval` in whole seconds. Missing, junk, zero or negative values give the
