@@ -9,19 +9,17 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{TestServer, sha256_file};
 use guestd::client::{
     Client, ClientError, ClientOptions, Command, ConnectError, ConnectOptions, Connector, EventType, GuestAddr,
     InitRequest, Progress, RunEvent, Selector, Signal,
 };
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -290,20 +288,6 @@ impl Progress for Counted {
     fn advance(&self, bytes: u64) {
         self.bytes.fetch_add(bytes, Ordering::SeqCst);
     }
-}
-
-fn sha256_file(path: &Path) -> String {
-    let mut file = std::fs::File::open(path).unwrap();
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    format!("{:x}", hasher.finalize())
 }
 
 /// A file of pseudo-random bytes (incompressible, so nothing can shortcut it).

@@ -289,6 +289,15 @@ pub fn envelope(flags: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    format!("{:x}", hasher.finalize())
+}
+
 /// Decodes a base64 JSON bytes field.
 pub fn b64(s: &str) -> Vec<u8> {
     use base64::Engine;

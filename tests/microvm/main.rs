@@ -26,6 +26,9 @@
 
 #![allow(clippy::print_stdout, reason = "the tier's report (boot timings, throughput) is its output")]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -35,7 +38,7 @@ use std::time::{Duration, Instant};
 use guestd::client::{
     Client, ClientOptions, Command, ConnectOptions, GuestAddr, InitRequest, NoProgress, RunEvent, Selector,
 };
-use sha2::{Digest, Sha256};
+use common::sha256_file;
 
 /// The guest port guestd listens on (`/init` passes `--listen vsock://-1:49983`).
 const GUEST_PORT: u32 = 49983;
@@ -213,20 +216,6 @@ fn host_tsc_khz() -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .expect("a 'cpu MHz' line in /proc/cpuinfo");
     (mhz * 1000.0).round() as u64
-}
-
-fn sha256_file(path: &Path) -> String {
-    let mut file = std::fs::File::open(path).unwrap();
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    format!("{:x}", hasher.finalize())
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) {
