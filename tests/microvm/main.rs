@@ -35,10 +35,10 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::sha256_file;
 use guestd::client::{
     Client, ClientOptions, Command, ConnectOptions, GuestAddr, InitRequest, NoProgress, RunEvent, Selector,
 };
-use common::sha256_file;
 
 /// The guest port guestd listens on (`/init` passes `--listen vsock://-1:49983`).
 const GUEST_PORT: u32 = 49983;
