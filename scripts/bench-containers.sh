@@ -31,11 +31,7 @@ ctr_docker_up
 ctr_step "Python venv (e2b SDK)"
 python="$(scripts/sdk-venv.sh)"
 ctr_step "static guestd"
-if [[ -z "${GUESTD_STATIC_BIN:-}" ]]; then
-  scripts/build-static.sh
-  GUESTD_STATIC_BIN="$PWD/target/x86_64-unknown-linux-musl/release/guestd"
-fi
-export GUESTD_STATIC_BIN
+ctr_static_guestd
 ctr_step "base image and images"
 ctr_base_image
 ctr_build_images

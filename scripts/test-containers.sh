@@ -44,11 +44,7 @@ ctr_step "Python venv (e2b SDK)"
 GUESTD_TEST_PYTHON="$(scripts/sdk-venv.sh)"
 
 ctr_step "static guestd"
-if [[ -z "${GUESTD_STATIC_BIN:-}" ]]; then
-  scripts/build-static.sh
-  GUESTD_STATIC_BIN="$PWD/target/x86_64-unknown-linux-musl/release/guestd"
-fi
-export GUESTD_STATIC_BIN
+ctr_static_guestd
 
 ctr_step "base image (Debian $CTR_BASE_SUITE minbase, cached)"
 ctr_base_image

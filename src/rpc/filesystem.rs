@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use tokio::time::{Instant, MissedTickBehavior};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::auth::request_user;
-use super::metadata::keepalive_interval;
+use super::metadata::{keepalive_interval, keepalive_ticker};
 use crate::Agent;
 use crate::fs::{self, EntryInfo, FileKind, Owner};
 use crate::proto::filesystem::filesystem_server::Filesystem;
@@ -163,8 +162,7 @@ fn watch_events(stream: WatchStream, keepalive: Duration) -> impl Stream<Item = 
     futures_util::stream::unfold(State::Start(stream), move |state| async move {
         match state {
             State::Start(stream) => {
-                let mut ticks = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
-                ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                let ticks = keepalive_ticker(keepalive);
                 Some((
                     message(watch_dir_response::Event::Start(watch_dir_response::StartEvent {})),
                     State::Running(stream, ticks),

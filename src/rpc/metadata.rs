@@ -25,6 +25,14 @@ pub(crate) fn keepalive_interval(md: &MetadataMap) -> Duration {
         .map_or(DEFAULT_KEEPALIVE, |s| Duration::from_secs(s.unsigned_abs()))
 }
 
+/// The keepalive timer of a stream: first tick one `period` from now, and a late tick never
+/// bursts (the timer restarts after every data event; see `reset`).
+pub(crate) fn keepalive_ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

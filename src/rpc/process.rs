@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use tokio::time::{Instant, MissedTickBehavior};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::request_user;
-use super::metadata::{grpc_timeout, keepalive_interval};
+use super::metadata::{grpc_timeout, keepalive_interval, keepalive_ticker};
 use crate::Agent;
 use crate::process::{self as domain, Attached, CommandSpec, Event, ExitStatus, PtySize, Selector, StartSpec};
 use crate::proto::process::process_server::Process;
@@ -180,16 +179,11 @@ fn process_events(attached: Attached, keepalive: Duration) -> impl Stream<Item =
         Running(domain::Subscription, tokio::time::Interval),
         Done,
     }
-    let ticker = move || {
-        let mut ticker = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker
-    };
     futures_util::stream::unfold(State::Start(attached), move |state| async move {
         match state {
             State::Start(Attached { pid, events }) => {
                 let start = process_event::Event::Start(process_event::StartEvent { pid });
-                Some((Ok(ProcessEvent { event: Some(start) }), State::Running(events, ticker())))
+                Some((Ok(ProcessEvent { event: Some(start) }), State::Running(events, keepalive_ticker(keepalive))))
             }
             State::Running(mut events, mut ticks) => {
                 let next = tokio::select! {

@@ -121,6 +121,15 @@ ctr_docker_down() {
   CTR_DOCKERD_PID=
 }
 
+# GUESTD_STATIC_BIN, or the static guestd freshly built by scripts/build-static.sh; exported.
+ctr_static_guestd() {
+  if [[ -z "${GUESTD_STATIC_BIN:-}" ]]; then
+    scripts/build-static.sh
+    GUESTD_STATIC_BIN="$PWD/target/x86_64-unknown-linux-musl/release/guestd"
+  fi
+  export GUESTD_STATIC_BIN
+}
+
 ctr_base_image() {
   local mirror key dir tarball
   mirror=$(ctr_debian_mirror)
