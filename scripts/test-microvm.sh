@@ -115,5 +115,16 @@ step "boot, drive over hybrid vsock, power off (tests/microvm)"
 export GUESTD_MICROVM_KERNEL=$kdir/vmlinux
 export GUESTD_MICROVM_INITRAMFS=$work/initramfs.cpio
 export GUESTD_MICROVM_VHOST=$vhost_root/bin/vhost-device-vsock
-cargo test --locked --test microvm -- --ignored --nocapture --test-threads 1
+# vhost-device-vsock 0.3.0 occasionally wedges its hybrid socket during guest boot (microvm.md
+# pitfall 8: its flow-control stall): the guest logs "listening" yet no CONNECT is ever answered.
+# That one failure, and only that one, gets a second boot — announced, never silent.
+run_log=$work/microvm-test.log
+if ! cargo test --locked --test microvm -- --ignored --nocapture --test-threads 1 2>&1 | tee "$run_log"; then
+  if grep -q 'NeverAnswered' "$run_log"; then
+    echo "micro-VM tier: the host never got an answer through vhost-device-vsock; booting once more" >&2
+    cargo test --locked --test microvm -- --ignored --nocapture --test-threads 1
+  else
+    exit 1
+  fi
+fi
 echo "micro-VM tier done in $((SECONDS - started)) s"
