@@ -6,7 +6,12 @@ use clap::Parser;
 use guestd::config::{Args, Config, LogFormat, ProcessEnvironment, translate_envd_flags};
 use tracing_subscriber::EnvFilter;
 
-/// See `scripts/build-static.sh` for why the static build may use mimalloc.
+/// The C library's malloc with large blocks parked for reuse (`guestd::sys::alloc` says why).
+#[cfg(not(feature = "mimalloc"))]
+#[global_allocator]
+static GLOBAL: guestd::sys::alloc::CachingAlloc = guestd::sys::alloc::CachingAlloc;
+
+/// Opt-in alternative, measured in the closing notes: faster streams, twice the idle memory.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

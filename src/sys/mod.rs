@@ -9,6 +9,7 @@
 //! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
 //! denied crate-wide.
 
+pub mod alloc;
 pub mod clock;
 pub mod entropy;
 pub mod fd;
