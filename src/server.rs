@@ -28,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
@@ -50,6 +51,10 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Interval of HTTP/2 PING frames, so dead peers of long streams are noticed.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Blocks the allocator parked for reuse go back to the kernel this long after a response ends
+/// (at most once per this interval under load; never while nothing happens).
+const TRIM_AFTER: Duration = Duration::from_secs(2);
 
 /// A listen address guestd could not bind.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +132,9 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains connections and ends the processes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let service = service(self.agent.clone());
+        let response_ended = Arc::new(Notify::new());
+        let service = service(self.agent.clone(), response_ended.clone());
+        let trimmer = tokio::spawn(trim_when_idle(response_ended));
         let tracker = TaskTracker::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         for (addr, listener) in self.listeners {
@@ -146,6 +153,7 @@ impl Server {
         let _ = stop_tx.send(true);
         // The boot task may be waiting for an /init that will never come.
         boot_task.abort();
+        trimmer.abort();
         tracker.close();
         // Processes end while connections drain, so their output streams finish instead of
         // holding the drain for the whole grace period. Each accept loop drains its own
@@ -158,7 +166,7 @@ impl Server {
 /// router that holds the tonic services and the plain HTTP routes.
 type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
 
-fn service(agent: Arc<Agent>) -> Service {
+fn service(agent: Arc<Agent>, response_ended: Arc<Notify>) -> Service {
     let session = agent.session.clone();
     let router = http::routes(agent.clone(), rpc::router(agent));
     let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
@@ -169,9 +177,61 @@ fn service(agent: Arc<Agent>) -> Service {
         .layer(crate::connect::ConnectLayer::new(pool))
         .layer(crate::connect::GrpcDeadlineLayer)
         .service(router);
-    tower::util::BoxCloneSyncService::new(
-        stack.map_request(|req: ::http::Request<Incoming>| req.map(axum::body::Body::new)),
-    )
+    let stack = stack.map_request(|req: ::http::Request<Incoming>| req.map(axum::body::Body::new)).map_response(
+        move |res: axum::response::Response| {
+            let ended = NotifyOnDrop(response_ended.clone());
+            res.map(|body| axum::body::Body::new(TrackedBody { body, _ended: ended }))
+        },
+    );
+    tower::util::BoxCloneSyncService::new(stack)
+}
+
+/// Hands the allocator's parked blocks back ([`crate::sys::alloc::trim`]) [`TRIM_AFTER`] after
+/// a response ended: memory kept warm for the next chunk of a stream is not kept once the
+/// streams are over. Sleeps on a `Notify` in between: no timer runs while guestd is idle.
+async fn trim_when_idle(response_ended: Arc<Notify>) {
+    loop {
+        response_ended.notified().await;
+        tokio::time::sleep(TRIM_AFTER).await;
+        crate::sys::alloc::trim();
+    }
+}
+
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that reports when it is done with (sent, failed or abandoned).
+    struct TrackedBody {
+        #[pin]
+        body: axum::body::Body,
+        _ended: NotifyOnDrop,
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 struct AcceptContext {

@@ -8,7 +8,7 @@
 //! Invariant: the table mutex serialises *spawning* and *reaping*. A child is forked, exec'd
 //! and registered while [`spawn`] holds the lock, and every `waitpid` happens under the same
 //! lock, so the reaper can never reap a child before it is registered, and can never steal the
-//! status std's `Command::spawn` collects itself when `exec` fails. For the same reason a
+//! status `sys::spawn` collects itself when `exec` fails. For the same reason a
 //! registered pid is never reused while registered, so [`signal_group`] (also under the lock)
 //! cannot hit a stranger's process group.
 //!
@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::time::Duration;
@@ -96,21 +95,18 @@ pub fn set_adopt_orphans(adopt: bool) {
     ensure_started();
 }
 
-/// Spawns `cmd` and registers the child, atomically with respect to the reaper.
-///
-/// The returned `Child` is only a bag of fds: the caller must never wait on it (dropping it
-/// neither kills nor waits).
-pub fn spawn(cmd: &mut Command) -> io::Result<(Child, ExitReceiver)> {
+/// Runs `start` (which spawns a child and returns its pid) and registers the child, atomically
+/// with respect to the reaper: `start` may itself reap a child whose exec failed.
+pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, ExitReceiver)> {
     ensure_started();
     let mut table = table();
-    let child = cmd.spawn()?;
+    let pid = start()?;
     let (tx, rx) = oneshot::channel();
-    let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
-    table.insert(pid, tx);
+    table.insert(i32::try_from(pid).map_err(io::Error::other)?, tx);
     drop(table);
     // A SIGCHLD that arrived while we held the lock woke the reaper, which then waited for the
     // lock and scans after us; nothing to do here.
-    Ok((child, rx))
+    Ok((pid, rx))
 }
 
 /// Sends `signal` to the process group `pgid` (`kill(-pgid)`).
@@ -170,23 +166,29 @@ fn reap() {
 mod tests {
     use super::*;
 
+    use std::process::Command;
+
+    /// std's spawn, for these tests only (guestd spawns through `sys::spawn`).
+    fn std_spawn(cmd: &mut Command) -> io::Result<(u32, ExitReceiver)> {
+        spawn(|| cmd.spawn().map(|child| child.id()))
+    }
+
     #[tokio::test]
     async fn exit_status_reaches_the_spawner() {
-        let (child, exit) = spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
-        drop(child);
+        let (_pid, exit) = std_spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
         assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Exited(7)));
     }
 
     #[tokio::test]
     async fn failed_exec_is_a_spawn_error() {
-        // std collects the failed child itself (under our lock): nothing is left to reap.
-        let err = spawn(&mut Command::new("/nonexistent/guestd-test")).unwrap_err();
+        // The spawner collects the failed child itself (under our lock): nothing is left to reap.
+        let err = std_spawn(&mut Command::new("/nonexistent/guestd-test")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[tokio::test]
     async fn signal_death_is_reported_with_its_number() {
-        let (_child, exit) = spawn(Command::new("/bin/sh").args(["-c", "kill -KILL $$"])).unwrap();
+        let (_pid, exit) = std_spawn(Command::new("/bin/sh").args(["-c", "kill -KILL $$"])).unwrap();
         assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Signaled { signal: 9, core_dumped: false }));
     }
 }

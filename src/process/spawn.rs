@@ -2,8 +2,8 @@
 //!
 //! Everything that can be checked is checked in the parent before the fork, so errors name their
 //! cause (missing cwd, executable not in the child's PATH, permission denied for the user)
-//! instead of surfacing as a bare errno from `exec`. The fork itself happens in
-//! [`reaper::spawn`] under the reaper's lock. The child's environment is an explicit value built
+//! instead of surfacing as a bare errno from `exec`. The spawn itself (`sys::spawn`, a
+//! vfork-style clone) happens under the reaper's lock ([`reaper::spawn`]). The child's environment is an explicit value built
 //! here: nothing is inherited from guestd's own environment.
 
 use std::collections::HashSet;
@@ -13,20 +13,17 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use nix::unistd::Uid;
 
-use super::io::PIPE_SIZE;
 use super::reaper::{self, ExitReceiver};
 use super::{ProcessError, StartSpec};
 use crate::paths;
 use crate::sys::fd::{self as sysfd, AsyncRawFd};
 use crate::sys::pty;
-use crate::sys::spawn::{ChildSetup, Credentials};
+use crate::sys::spawn::{self as sys_spawn, ChildSetup, Credentials, Exec};
 use crate::users::User;
 
 /// A spawned, registered child and guestd's ends of its I/O.
@@ -51,58 +48,65 @@ pub(super) fn launch(path_env: &str, spec: &StartSpec) -> Result<Launched, Proce
     let env = child_env(path_env, spec);
     let child_path = env.iter().find(|(key, _)| key == "PATH").map_or("", |(_, value)| value.as_str());
     let exe = find_executable(name, child_path, &cwd, user)?;
+    let exec = program(&exe, name, &spec.command.args, &env).map_err(spawn_error)?;
 
-    let mut command = Command::new(&exe);
-    command.arg0(name).args(&spec.command.args).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
-
-    // Both ends of every pipe/PTY are close-on-exec until std dup2()s the child's ends onto
-    // 0/1/2, so no other concurrently spawned child inherits them.
-    let io = match spec.pty {
+    // Every descriptor guestd creates is close-on-exec; the child's ends are installed as its
+    // 0/1/2 by the spawn and guestd's copies close when this function returns, so EOF/EIO
+    // arrive when the child's side closes.
+    let (child_stdio, io): ([OwnedFd; 3], ParentIo) = match spec.pty {
         Some(size) => {
             let pair = pty::open_pty(size.cols, size.rows).map_err(ProcessError::Pty)?;
-            let slave = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(ProcessError::Pty);
-            command.stdin(slave(&pair.slave)?).stdout(slave(&pair.slave)?).stderr(Stdio::from(pair.slave));
-            ParentIo::Pty { master: Arc::new(AsyncRawFd::new(pair.master).map_err(ProcessError::Pty)?) }
+            let slave = || pair.slave.try_clone().map_err(ProcessError::Pty);
+            let stdio = [slave()?, slave()?, slave()?];
+            (stdio, ParentIo::Pty { master: Arc::new(AsyncRawFd::new(pair.master).map_err(ProcessError::Pty)?) })
         }
         None => {
-            let stdin = if spec.stdin {
+            let (child_stdin, stdin) = if spec.stdin {
                 let (read, write) = sysfd::pipe().map_err(spawn_error)?;
-                command.stdin(Stdio::from(read));
-                Some(Arc::new(AsyncRawFd::new(write).map_err(spawn_error)?))
+                (read, Some(Arc::new(AsyncRawFd::new(write).map_err(spawn_error)?)))
             } else {
-                command.stdin(Stdio::null());
-                None
+                (dev_null().map_err(spawn_error)?, None)
             };
-            let output = || -> io::Result<(Arc<AsyncRawFd>, Stdio)> {
+            // The pump enlarges an output pipe once it finds it full (`io::PIPE_SIZE`).
+            let output = || -> io::Result<(Arc<AsyncRawFd>, OwnedFd)> {
                 let (read, write) = sysfd::pipe()?;
-                if let Err(error) = sysfd::set_pipe_size(read.as_fd(), PIPE_SIZE) {
-                    tracing::debug!(%error, "could not enlarge the output pipe");
-                }
-                Ok((Arc::new(AsyncRawFd::new(read)?), Stdio::from(write)))
+                Ok((Arc::new(AsyncRawFd::new(read)?), write))
             };
             let (stdout, child_stdout) = output().map_err(spawn_error)?;
             let (stderr, child_stderr) = output().map_err(spawn_error)?;
-            command.stdout(child_stdout).stderr(child_stderr);
-            ParentIo::Pipes { stdin, stdout, stderr }
+            ([child_stdin, child_stdout, child_stderr], ParentIo::Pipes { stdin, stdout, stderr })
         }
     };
 
     let credentials =
         needs_switch(user).then(|| Credentials { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
     let cwd_c = CString::new(cwd.as_os_str().as_bytes()).map_err(|e| spawn_error(e.into()))?;
-    crate::sys::spawn::install(
-        &mut command,
-        ChildSetup { controlling_tty: spec.pty.is_some(), credentials, cwd: cwd_c },
-    );
-
-    let (child, exit) = reaper::spawn(&mut command).map_err(spawn_error)?;
-    let pid = child.id();
-    // The Child holds no handles (all stdio were explicit fds) and is never waited on: the
-    // reaper owns wait(). Dropping the Command closes guestd's copies of the child's pipe ends
-    // and of the PTY slave, so EOF/EIO arrive when the child's side closes.
-    drop(child);
-    drop(command);
+    let setup = ChildSetup { controlling_tty: spec.pty.is_some(), credentials, cwd: cwd_c };
+    let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
+    let (pid, exit) = reaper::spawn(|| sys_spawn::spawn(&exec, stdio, &setup)).map_err(spawn_error)?;
     Ok(Launched { pid, exit, io })
+}
+
+/// The image to exec: `exe` with argv[0] as the client named it, and the environment.
+fn program(exe: &Path, name: &str, args: &[String], env: &[(String, String)]) -> io::Result<Exec> {
+    let c = |bytes: Vec<u8>, what: &str| {
+        CString::new(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte")))
+    };
+    let path = c(exe.as_os_str().as_bytes().to_vec(), "the command")?;
+    let argv = std::iter::once(name)
+        .chain(args.iter().map(String::as_str))
+        .map(|arg| c(arg.as_bytes().to_vec(), "an argument"))
+        .collect::<io::Result<_>>()?;
+    let env = env
+        .iter()
+        .map(|(key, value)| c(format!("{key}={value}").into_bytes(), "an env var"))
+        .collect::<io::Result<_>>()?;
+    Ok(Exec { path, argv, env })
+}
+
+fn dev_null() -> io::Result<OwnedFd> {
+    Ok(fs::File::open("/dev/null")?.into())
 }
 
 /// Root switches to every user (including root, to get root's own groups); a non-root guestd can

@@ -8,9 +8,16 @@ use tonic::metadata::MetadataMap;
 use crate::session::Defaults;
 use crate::users::{self, User};
 
+/// The user [`known_basic_user`] resolved for a request, so handlers do not look it up again.
+#[derive(Clone)]
+struct BasicUser(User);
+
 /// The user a request acts as. An unknown or unparsable user is `unauthenticated`, naming it.
-pub(crate) fn request_user(md: &MetadataMap, defaults: &Defaults) -> Result<User, Status> {
-    match basic_username(md)? {
+pub(crate) fn request_user<T>(request: &tonic::Request<T>, defaults: &Defaults) -> Result<User, Status> {
+    if let Some(BasicUser(user)) = request.extensions().get() {
+        return Ok(user.clone());
+    }
+    match basic_username(request.metadata())? {
         Some(name) => users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}"))),
         None if defaults.user.is_empty() => Err(unauthenticated("no user specified".to_owned())),
         None => users::lookup(&defaults.user)
@@ -20,9 +27,10 @@ pub(crate) fn request_user(md: &MetadataMap, defaults: &Defaults) -> Result<User
 
 /// Interceptor on every RPC: a Basic-auth username that names no user is `unauthenticated`,
 /// whether or not the method acts as a user (envd's authn middleware runs for every request).
-pub(crate) fn known_basic_user(request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+pub(crate) fn known_basic_user(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
     if let Some(name) = basic_username(request.metadata())? {
-        users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}")))?;
+        let user = users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}")))?;
+        request.extensions_mut().insert(BasicUser(user));
     }
     Ok(request)
 }
@@ -67,14 +75,31 @@ mod tests {
         assert!(basic_username(&with_auth("Basic !!!")).is_err());
     }
 
+    fn request(md: MetadataMap) -> tonic::Request<()> {
+        tonic::Request::from_parts(md, tonic::Extensions::new(), ())
+    }
+
     #[test]
     fn unknown_users_are_unauthenticated() {
         let defaults = Defaults { user: "root".into(), workdir: None, env: vec![] };
-        let err = request_user(&with_auth("Basic bm9zdWNodXNlcjo="), &defaults).unwrap_err();
+        let err = request_user(&request(with_auth("Basic bm9zdWNodXNlcjo=")), &defaults).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(err.message().contains("'nosuchuser'"), "{}", err.message());
-        assert_eq!(request_user(&MetadataMap::new(), &defaults).unwrap().name, "root");
+        assert_eq!(request_user(&request(MetadataMap::new()), &defaults).unwrap().name, "root");
         let empty = Defaults { user: String::new(), ..defaults };
-        assert_eq!(request_user(&MetadataMap::new(), &empty).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let err = request_user(&request(MetadataMap::new()), &empty).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn the_interceptor_resolves_the_user_once_for_the_handler() {
+        let defaults = Defaults { user: "nobody-guestd-default".into(), workdir: None, env: vec![] };
+        let intercepted = known_basic_user(request(with_auth("Basic cm9vdDo="))).unwrap();
+        assert!(intercepted.extensions().get::<BasicUser>().is_some());
+        assert_eq!(request_user(&intercepted, &defaults).unwrap().name, "root");
+        assert_eq!(
+            known_basic_user(request(with_auth("Basic bm9zdWNodXNlcjo="))).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

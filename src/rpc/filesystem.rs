@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::auth::request_user;
@@ -31,9 +30,9 @@ impl FilesystemRpc {
     }
 
     /// The request's user and `path` resolved for it.
-    fn resolve(&self, md: &MetadataMap, path: &str) -> Result<(User, PathBuf), Status> {
+    fn resolve<T>(&self, request: &Request<T>, path: &str) -> Result<(User, PathBuf), Status> {
         let defaults = self.agent.session.defaults();
-        let user = request_user(md, &defaults)?;
+        let user = request_user(request, &defaults)?;
         let resolved = paths::resolve(path, &user, defaults.workdir.as_deref())?;
         Ok((user, resolved))
     }
@@ -68,26 +67,26 @@ type WatchEvents = Pin<Box<dyn Stream<Item = Result<WatchDirResponse, Status>> +
 #[tonic::async_trait]
 impl Filesystem for FilesystemRpc {
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
-        let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (_, path) = self.resolve(&request, &request.get_ref().path)?;
         let entry = blocking(move || fs::stat(&path)).await?;
         Ok(Response::new(StatResponse { entry: Some(entry_info(entry)) }))
     }
 
     async fn make_dir(&self, request: Request<MakeDirRequest>) -> Result<Response<MakeDirResponse>, Status> {
-        let (user, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (user, path) = self.resolve(&request, &request.get_ref().path)?;
         let entry = blocking(move || fs::make_dir(&path, owner(&user))).await?;
         Ok(Response::new(MakeDirResponse { entry: Some(entry_info(entry)) }))
     }
 
     async fn r#move(&self, request: Request<MoveRequest>) -> Result<Response<MoveResponse>, Status> {
-        let (user, source) = self.resolve(request.metadata(), &request.get_ref().source)?;
-        let (_, destination) = self.resolve(request.metadata(), &request.get_ref().destination)?;
+        let (user, source) = self.resolve(&request, &request.get_ref().source)?;
+        let (_, destination) = self.resolve(&request, &request.get_ref().destination)?;
         let entry = blocking(move || fs::rename(&source, &destination, owner(&user))).await?;
         Ok(Response::new(MoveResponse { entry: Some(entry_info(entry)) }))
     }
 
     async fn list_dir(&self, request: Request<ListDirRequest>) -> Result<Response<ListDirResponse>, Status> {
-        let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (_, path) = self.resolve(&request, &request.get_ref().path)?;
         let depth = request.get_ref().depth;
         let entries = blocking(move || fs::list_dir(&path, depth)).await?;
         Ok(Response::new(ListDirResponse { entries: entries.into_iter().map(entry_info).collect() }))
@@ -100,7 +99,7 @@ impl Filesystem for FilesystemRpc {
                 "refusing to remove an empty path: it would resolve to the home or working directory",
             ));
         }
-        let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (_, path) = self.resolve(&request, &request.get_ref().path)?;
         blocking(move || fs::remove(&path)).await?;
         Ok(Response::new(RemoveResponse {}))
     }
@@ -109,7 +108,7 @@ impl Filesystem for FilesystemRpc {
 
     async fn watch_dir(&self, request: Request<WatchDirRequest>) -> Result<Response<Self::WatchDirStream>, Status> {
         let keepalive = keepalive_interval(request.metadata());
-        let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (_, path) = self.resolve(&request, &request.get_ref().path)?;
         let req = request.get_ref();
         let opts = watch_options(req.recursive, req.include_entry, req.allow_network_mounts);
         let stream = self.with_watches(move |w| w.watch(&path, opts)).await?;
@@ -120,7 +119,7 @@ impl Filesystem for FilesystemRpc {
         &self,
         request: Request<CreateWatcherRequest>,
     ) -> Result<Response<CreateWatcherResponse>, Status> {
-        let (_, path) = self.resolve(request.metadata(), &request.get_ref().path)?;
+        let (_, path) = self.resolve(&request, &request.get_ref().path)?;
         let req = request.get_ref();
         let opts = watch_options(req.recursive, req.include_entry, req.allow_network_mounts);
         let watcher_id = self.with_watches(move |w| w.create_watcher(&path, opts)).await?;

@@ -56,7 +56,7 @@ impl Process for ProcessRpc {
 
     async fn start(&self, request: Request<StartRequest>) -> Result<Response<Self::StartStream>, Status> {
         let defaults = self.agent.session.defaults();
-        let user = request_user(request.metadata(), &defaults)?;
+        let user = request_user(&request, &defaults)?;
         let keepalive = keepalive_interval(request.metadata());
         let timeout = grpc_timeout(request.metadata());
         let req = request.into_inner();

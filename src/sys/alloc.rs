@@ -161,7 +161,8 @@ impl BlockCache {
             let mut p = self.parked();
             for class in 0..CLASSES {
                 for n in 0..p.len[class] {
-                    released[count] = (std::mem::replace(&mut p.blocks[class][n], ptr::null_mut()), MIN_CACHED << class);
+                    released[count] =
+                        (std::mem::replace(&mut p.blocks[class][n], ptr::null_mut()), MIN_CACHED << class);
                     count += 1;
                 }
                 p.len[class] = 0;

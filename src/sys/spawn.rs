@@ -1,38 +1,51 @@
-//! What a child does between `fork` and `exec`.
+//! Starting a child: `clone(CLONE_VM | CLONE_VFORK)`, a few raw syscalls, `execve`.
 //!
-//! std's `Command::uid()/gid()` call `setgroups(0)` and so drop every supplementary group, and
-//! `pre_exec` runs after std's own setuid, so guestd sets credentials itself in `pre_exec` and
-//! never uses `Command::uid/gid/current_dir`. Everything the closure needs (group list, cwd as a
-//! C string) is computed before the fork: after `fork` in a multi-threaded process only
-//! async-signal-safe calls are allowed, so the closure allocates nothing, takes no locks and
-//! reads no files except `/proc/self/oom_score_adj`.
+//! `fork` copies guestd's page tables and write-protects every page, so after each spawn guestd
+//! takes a copy-on-write fault (and a TLB shootdown) for every page it touches until the child
+//! has exec'd: measured, that was a quarter of guestd's CPU time per `/bin/true` round trip.
+//! A vfork-style child shares guestd's memory instead, and guestd's calling thread sleeps until
+//! the child has exec'd or exited (the other threads run on). std's `Command` can only do this
+//! through `posix_spawn`, which cannot set supplementary groups, uid or gid, and std's own
+//! `uid()/gid()` drop every supplementary group; so guestd does the child's part itself.
+//!
+//! Everything the child needs (paths, argv, envp, group list) is prepared in the parent. Because
+//! the child runs on guestd's memory, it may only make raw system calls on that prepared data:
+//! no allocation, no lock, no libc wrapper with process-wide effects (musl's `setuid` and
+//! `setgroups` signal every thread of the caller: in this child they would signal guestd's).
+//! Signals are blocked in the parent around the clone, so no guestd handler can run on the
+//! child's stack; the child resets every disposition to the default before unblocking.
+//! A failing step writes which step and errno into the parent's frame and exits with 127; the
+//! parent reaps it and returns the error naming the step.
 
-use std::ffi::CString;
+use std::ffi::{CString, c_int, c_void};
+use std::fmt;
 use std::io;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
-use nix::fcntl::{OFlag, open};
-use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Uid, chdir, setgid, setgroups, setsid, setuid};
+use nix::libc;
 
 /// The identity the child switches to before `exec`.
 #[derive(Clone, Debug)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,
-    /// The full supplementary group list (`setgroups`), resolved before the fork.
+    /// The full supplementary group list (`setgroups`), resolved before the spawn.
     pub groups: Vec<u32>,
 }
 
 /// Everything the child does to itself before `exec`, in this order:
-/// 1. `setsid()`: its own session and process group (pgid == pid), so signals and the timeout
+/// 1. installs the given descriptors as 0, 1 and 2 (everything else guestd holds is
+///    close-on-exec);
+/// 2. `setsid()`: its own session and process group (pgid == pid), so signals and the timeout
 ///    reach every descendant with `kill(-pgid)`;
-/// 2. with a PTY, `TIOCSCTTY` on fd 0 (the slave) to make it the controlling terminal;
-/// 3. `oom_score_adj = 100`, best effort, like envd: user code dies before the agent under
+/// 3. with a PTY, `TIOCSCTTY` on fd 0 (the slave) to make it the controlling terminal;
+/// 4. `oom_score_adj = 100`, best effort, like envd: user code dies before the agent under
 ///    memory pressure (done while still privileged: lowering needs CAP_SYS_RESOURCE);
-/// 4. `setgroups` -> `setgid` -> `setuid` (in that order: after setuid the others fail);
-/// 5. `chdir(cwd)` last, so the user's own permissions decide whether the cwd is accessible.
+/// 5. `setgroups` -> `setgid` -> `setuid` (in that order: after setuid the others fail);
+/// 6. `chdir(cwd)`, after the switch, so the user's own permissions decide;
+/// 7. default dispositions for every signal and an empty signal mask (std's children get the
+///    same: guestd ignores SIGPIPE, which would otherwise be inherited);
+/// 8. `execve`.
 #[derive(Debug)]
 pub struct ChildSetup {
     pub controlling_tty: bool,
@@ -41,42 +54,333 @@ pub struct ChildSetup {
     pub cwd: CString,
 }
 
-/// Installs `setup` as the `pre_exec` step of `cmd`.
-pub fn install(cmd: &mut Command, setup: ChildSetup) {
-    let groups: Vec<Gid> =
-        setup.credentials.as_ref().map(|c| c.groups.iter().copied().map(Gid::from_raw).collect()).unwrap_or_default();
-    let ChildSetup { controlling_tty, credentials, cwd } = setup;
-    let closure = move || -> io::Result<()> {
-        setsid()?;
-        if controlling_tty {
-            // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal a terminal that is
-            // already some other session's); fd 0 is the PTY slave std installed as stdin.
-            let rc = unsafe { nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        set_oom_score_adj();
-        if let Some(c) = &credentials {
-            setgroups(&groups)?;
-            setgid(Gid::from_raw(c.gid))?;
-            setuid(Uid::from_raw(c.uid))?;
-        }
-        chdir(cwd.as_c_str())?;
-        Ok(())
-    };
-    // SAFETY: the closure only makes async-signal-safe syscalls (setsid, ioctl, open, write,
-    // close, setgroups, setgid, setuid, chdir) on data captured before the fork; it allocates
-    // nothing (nix takes `&CStr` paths and borrowed slices as is, errors are plain errno values)
-    // and touches no lock or global state, so it is sound to run in the forked child.
-    unsafe {
-        cmd.pre_exec(closure);
+/// The program image: an absolute (or cwd-relative) path, argv (argv[0] included) and the
+/// complete environment as `KEY=VALUE` strings.
+#[derive(Debug)]
+pub struct Exec {
+    pub path: CString,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// The child step that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    Stdio = 1,
+    Setsid,
+    ControllingTty,
+    Setgroups,
+    Setgid,
+    Setuid,
+    Chdir,
+    Exec,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::Stdio => "installing stdin/stdout/stderr",
+            Step::Setsid => "setsid",
+            Step::ControllingTty => "making the PTY the controlling terminal",
+            Step::Setgroups => "setgroups",
+            Step::Setgid => "setgid",
+            Step::Setuid => "setuid",
+            Step::Chdir => "chdir to the working directory",
+            Step::Exec => "execve",
+        })
     }
 }
 
-/// Best effort: a failure (no /proc, read-only proc) must not fail the spawn.
-fn set_oom_score_adj() {
-    if let Ok(fd) = open(c"/proc/self/oom_score_adj", OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty()) {
-        let _ = nix::unistd::write(&fd, b"100");
+/// A child step failed: the step and the OS error. `io::Error::kind` of the whole error is the
+/// OS error's kind, so callers can still tell "not found" from "permission denied".
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct StepError {
+    pub step: Step,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Written by the child into the parent's frame when a step fails.
+#[repr(C)]
+struct Report {
+    step: u32,
+    errno: c_int,
+}
+
+/// What the child reads: raw pointers into data the parent keeps alive across the clone.
+struct ChildArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    stdio: [c_int; 3],
+    controlling_tty: bool,
+    /// (uid, gid, groups pointer, group count)
+    credentials: Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>,
+    cwd: *const libc::c_char,
+    report: *mut Report,
+}
+
+/// Stack of the child: it runs only `child_main` and raw syscalls.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
+///
+/// The caller must make sure nothing else reaps the child in the meantime (guestd calls this
+/// under the reaper's lock): when a step fails, the exited child is reaped here.
+pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io::Result<u32> {
+    // Descriptors below 3 would be overwritten while installing the others: move them up
+    // first (guestd normally has 0-2 open, so this only happens when it was started without).
+    let mut moved = Vec::new();
+    let mut fds = [0; 3];
+    for (slot, fd) in fds.iter_mut().zip(stdio) {
+        *slot = if fd.as_raw_fd() < 3 {
+            let high = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+            moved.push(high);
+            high
+        } else {
+            fd.as_raw_fd()
+        };
+    }
+    let argv: Vec<*const libc::c_char> =
+        exec.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> =
+        exec.env.iter().map(|e| e.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let mut report = Report { step: 0, errno: 0 };
+    let args = ChildArgs {
+        path: exec.path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdio: fds,
+        controlling_tty: setup.controlling_tty,
+        credentials: setup.credentials.as_ref().map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
+        cwd: setup.cwd.as_ptr(),
+        report: &mut report,
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its (16-byte aligned) end.
+    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut c_void;
+
+    let pid = {
+        let _blocked = BlockedSignals::new()?;
+        // SAFETY: `child_main` only makes raw syscalls on `args`, which (with everything it points
+        // to) lives in this frame until clone returns; CLONE_VFORK suspends this thread until
+        // the child has exec'd or exited, so the child's use of this memory ends before we go
+        // on. `top` is the aligned end of a live 64 KiB buffer used only as the child's stack.
+        // All signals are blocked, so no handler runs on the child's stack.
+        unsafe {
+            libc::clone(
+                child_main,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&args as *const ChildArgs).cast_mut().cast(),
+            )
+        }
+    };
+    drop(moved);
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if report.step != 0 {
+        // The child exited right after writing the report; collect it (see the doc comment).
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        let step = step_from(report.step);
+        let source = io::Error::from_raw_os_error(report.errno);
+        return Err(io::Error::new(source.kind(), StepError { step, source }));
+    }
+    Ok(pid as u32)
+}
+
+fn step_from(raw: u32) -> Step {
+    [Step::Stdio, Step::Setsid, Step::ControllingTty, Step::Setgroups, Step::Setgid, Step::Setuid, Step::Chdir]
+        .into_iter()
+        .find(|s| *s as u32 == raw)
+        .unwrap_or(Step::Exec)
+}
+
+/// Blocks every signal in the calling thread until dropped.
+struct BlockedSignals(libc::sigset_t);
+
+impl BlockedSignals {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain sigset manipulation on locals; pthread_sigmask only affects this thread.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(Self(old))
+        }
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` for this same thread.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction` (not libc's, whose layout differs).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// A raw syscall's result: `Err(errno)` on failure. Reads errno from the return value, never
+/// from the (parent thread's) `errno` variable.
+fn check(ret: libc::c_long) -> Result<libc::c_long, c_int> {
+    if (-4095..0).contains(&ret) { Err(-ret as c_int) } else { Ok(ret) }
+}
+
+/// Raw syscall without libc's errno handling.
+///
+/// # Safety
+/// The arguments must be valid for syscall `nr`.
+unsafe fn raw(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> Result<libc::c_long, c_int> {
+    let ret: libc::c_long;
+    // SAFETY: the x86_64/aarch64 Linux syscall ABI; the caller vouches for the arguments.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a, in("rsi") b, in("rdx") c, in("r10") d,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+        #[cfg(target_arch = "aarch64")]
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a => ret,
+            in("x1") b, in("x2") c, in("x3") d,
+            options(nostack),
+        );
+    }
+    check(ret)
+}
+
+/// The child: runs on its own small stack inside guestd's memory until `execve`.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive until this child execs or exits.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: every call below is a raw syscall on data prepared by the parent (see `spawn`).
+    let result = unsafe { child_steps(a) };
+    let Err((step, errno)) = result;
+    // SAFETY: `report` points into the parent's frame, which is suspended until we exit.
+    unsafe {
+        *a.report = Report { step: step as u32, errno };
+        let _ = raw(libc::SYS_exit, 127, 0, 0, 0);
+    }
+    127
+}
+
+/// # Safety
+/// Only from `child_main`, with the parent's `ChildArgs`.
+unsafe fn child_steps(a: &ChildArgs) -> Result<std::convert::Infallible, (Step, c_int)> {
+    use libc::*;
+    // SAFETY: raw syscalls whose pointer arguments point to NUL-terminated strings, arrays and
+    // structs the parent keeps alive and unmodified while we run.
+    unsafe {
+        for (target, &fd) in a.stdio.iter().enumerate() {
+            raw(SYS_dup3, fd as usize, target, 0, 0).map_err(|e| (Step::Stdio, e))?;
+        }
+        raw(SYS_setsid, 0, 0, 0, 0).map_err(|e| (Step::Setsid, e))?;
+        if a.controlling_tty {
+            // 0: do not steal a terminal that is already some other session's.
+            raw(SYS_ioctl, 0, TIOCSCTTY as usize, 0, 0).map_err(|e| (Step::ControllingTty, e))?;
+        }
+        // Best effort: no /proc (or a read-only one) must not fail the spawn.
+        let path = c"/proc/self/oom_score_adj".as_ptr() as usize;
+        if let Ok(fd) = raw(SYS_openat, AT_FDCWD as isize as usize, path, (O_WRONLY | O_CLOEXEC) as usize, 0) {
+            let _ = raw(SYS_write, fd as usize, b"100".as_ptr() as usize, 3, 0);
+            let _ = raw(SYS_close, fd as usize, 0, 0, 0);
+        }
+        if let Some((uid, gid, groups, count)) = a.credentials {
+            raw(SYS_setgroups, count, groups as usize, 0, 0).map_err(|e| (Step::Setgroups, e))?;
+            raw(SYS_setgid, gid as usize, 0, 0, 0).map_err(|e| (Step::Setgid, e))?;
+            raw(SYS_setuid, uid as usize, 0, 0, 0).map_err(|e| (Step::Setuid, e))?;
+        }
+        raw(SYS_chdir, a.cwd as usize, 0, 0, 0).map_err(|e| (Step::Chdir, e))?;
+        let default = KernelSigaction { handler: SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+        for signal in 1..=64 {
+            if signal != SIGKILL && signal != SIGSTOP {
+                let _ = raw(SYS_rt_sigaction, signal as usize, &default as *const _ as usize, 0, 8);
+            }
+        }
+        let empty: u64 = 0;
+        let _ = raw(SYS_rt_sigprocmask, SIG_SETMASK as usize, &empty as *const u64 as usize, 0, 8);
+        let errno = raw(SYS_execve, a.path as usize, a.argv as usize, a.envp as usize, 0).err().unwrap_or(0);
+        Err((Step::Exec, errno))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use super::*;
+
+    fn exec(argv: &[&str]) -> Exec {
+        let c = |s: &str| CString::new(s).unwrap();
+        Exec { path: c(argv[0]), argv: argv.iter().map(|a| c(a)).collect(), env: vec![c("GUESTD_TEST=1")] }
+    }
+
+    fn setup(cwd: &str) -> ChildSetup {
+        ChildSetup { controlling_tty: false, credentials: None, cwd: CString::new(cwd).unwrap() }
+    }
+
+    /// Spawns with stdout and stderr on one pipe; returns what the child wrote and its status.
+    /// (These children are not registered with the reaper, which waits only for its own pids.)
+    fn run(exec: &Exec, setup: &ChildSetup) -> io::Result<(String, i32)> {
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup)?;
+        drop(write);
+        let mut out = String::new();
+        std::fs::File::from(read).read_to_string(&mut out).unwrap();
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        let nix::sys::wait::WaitStatus::Exited(_, code) = status else { panic!("{status:?}") };
+        Ok((out, code))
+    }
+
+    #[test]
+    fn child_gets_its_stdio_cwd_env_session_and_a_clean_signal_state() {
+        // SIGPIPE is ignored in Rust programs (guestd too): the child must not inherit that.
+        let script = "echo out; echo err >&2; pwd; echo $GUESTD_TEST; \
+                      read -r pid _ _ _ _ sid _ < /proc/self/stat; test $sid = $pid && echo session; \
+                      grep -E '^Sig(Ign|Blk)' /proc/self/status";
+        let (out, code) = run(&exec(&["/bin/sh", "-c", script]), &setup("/tmp")).unwrap();
+        assert_eq!(code, 0, "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..4], ["out", "err", "/tmp", "1"], "{out}");
+        assert!(out.contains("session"), "the child leads its own session: {out}");
+        assert!(out.contains("SigIgn:\t0000000000000000"), "{out}");
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+    }
+
+    #[test]
+    fn a_failing_step_is_named() {
+        let err = run(&exec(&["/bin/true"]), &setup("/nonexistent-guestd-dir")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(err.to_string(), "chdir to the working directory: No such file or directory (os error 2)");
+
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("bad-interpreter");
+        std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let err = run(&exec(&[script.to_str().unwrap()]), &setup("/")).unwrap_err();
+        assert!(err.to_string().starts_with("execve: "), "{err}");
     }
 }
