@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use guestd::config::{Args, Config, LogFormat, ProcessEnvironment, translate_envd_flags};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The C library's malloc with large blocks parked for reuse (`guestd::sys::alloc` says why).
 #[cfg(not(feature = "mimalloc"))]
@@ -54,12 +56,24 @@ fn main() -> anyhow::Result<()> {
     served
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (`info` when unset): a default level and/or
+/// `target=level` pairs, e.g. `guestd=debug,hyper=info` (`tracing_subscriber`'s `Targets`, the
+/// `EnvFilter` syntax without span and field filters, which would cost guestd a regex engine).
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let spec = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let (filter, bad_spec) = match spec.as_deref().map(str::parse::<Targets>) {
+        None => (Targets::new().with_default(tracing::Level::INFO), None),
+        Some(Ok(targets)) => (targets, None),
+        Some(Err(error)) => (Targets::new().with_default(tracing::Level::INFO), Some(error)),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    if let Some(error) = bad_spec {
+        tracing::warn!(rust_log = spec.as_deref().unwrap_or_default(), %error, "ignoring RUST_LOG; logging at info");
     }
 }
 

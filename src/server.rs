@@ -169,12 +169,10 @@ type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum:
 fn service(agent: Arc<Agent>, response_ended: Arc<Notify>) -> Service {
     let session = agent.session.clone();
     let router = http::routes(agent.clone(), rpc::router(agent));
-    let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
-        .expect("the embedded descriptor set is valid: it was produced by the build script");
     let stack = tower::ServiceBuilder::new()
         .layer(http::cors())
         .layer(http::auth::AccessLayer::new(session))
-        .layer(crate::connect::ConnectLayer::new(pool))
+        .layer(crate::connect::ConnectLayer::new(crate::proto::descriptor_pool))
         .layer(crate::connect::GrpcDeadlineLayer)
         .service(router);
     let stack = stack.map_request(|req: ::http::Request<Incoming>| req.map(axum::body::Body::new)).map_response(

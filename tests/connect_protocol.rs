@@ -257,8 +257,10 @@ fn service(fake: Fake) -> Svc {
         .into_axum_router()
         .route("/health", axum::routing::get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { StatusCode::NOT_FOUND });
-    let pool = prost_reflect::DescriptorPool::decode(guestd::proto::FILE_DESCRIPTOR_SET).unwrap();
-    tower::ServiceBuilder::new().layer(ConnectLayer::new(pool)).layer(GrpcDeadlineLayer::new()).service(router)
+    tower::ServiceBuilder::new()
+        .layer(ConnectLayer::new(guestd::proto::descriptor_pool))
+        .layer(GrpcDeadlineLayer::new())
+        .service(router)
 }
 
 async fn serve() -> Server {

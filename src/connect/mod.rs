@@ -7,7 +7,7 @@
 //! | request | action |
 //! |---|---|
 //! | `content-type: application/grpc*` | passed through untouched (native gRPC) |
-//! | path not an RPC method in the descriptor pool, and not under an RPC service | passed through (`/health`, `/files`, ...) |
+//! | path not shaped `/pkg.Service/Method` (checked before the registry is even built), or not an RPC method in the descriptor pool and not under an RPC service | passed through (`/health`, `/files`, ...) |
 //! | `/pkg.Service/Unknown` under a known service | 404, Connect JSON error `unimplemented` (envd answers 404 here; the body lets Connect clients read the code) |
 //! | RPC path, method other than POST | 405, `Allow: POST` (no method is NO_SIDE_EFFECTS, so no Connect GET) |
 //! | RPC path, content type not Connect for that method's stream kind | 415, `Accept-Post` |
@@ -24,7 +24,6 @@
 //!
 //! Wiring:
 //! ```ignore
-//! let pool = prost_reflect::DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)?;
 //! let router = tonic::service::Routes::new(
 //!         ProcessServer::new(p).max_decoding_message_size(connect::MAX_MESSAGE_BYTES))
 //!     .add_service(FilesystemServer::new(f).max_decoding_message_size(connect::MAX_MESSAGE_BYTES))
@@ -32,7 +31,7 @@
 //!     .route("/health", get(health))
 //!     .fallback(|| async { StatusCode::NOT_FOUND });
 //! let svc = tower::ServiceBuilder::new()
-//!     .layer(connect::ConnectLayer::new(pool))
+//!     .layer(connect::ConnectLayer::new(guestd::proto::descriptor_pool)) // decoded on first use
 //!     .layer(connect::GrpcDeadlineLayer::new())
 //!     .service(router)
 //!     .map_request(|r: http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new));
@@ -52,7 +51,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -132,16 +131,46 @@ impl Registry {
     }
 }
 
+/// The registry, built from the descriptor pool on the first request that needs it: decoding
+/// the pool is most of guestd's start-up work, and native gRPC clients and plain HTTP never
+/// need it (a micro-VM's first command goes out sooner).
+struct LazyRegistry {
+    load: fn() -> DescriptorPool,
+    registry: OnceLock<Registry>,
+}
+
+impl LazyRegistry {
+    fn get(&self) -> &Registry {
+        self.registry.get_or_init(|| Registry::new(&(self.load)()))
+    }
+}
+
+impl std::fmt::Debug for LazyRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyRegistry").field("built", &self.registry.get().is_some()).finish()
+    }
+}
+
+/// Could `path` name an RPC (`/pkg.Service/Method`)? Cheap, so plain HTTP paths such as
+/// `/health` or `/files` never build the registry.
+fn rpc_shaped(path: &str) -> bool {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    service.contains('.') && !method.contains('/')
+}
+
 /// Tower layer that serves the Connect protocol in front of tonic gRPC services.
 #[derive(Clone, Debug)]
 pub struct ConnectLayer {
-    registry: Arc<Registry>,
+    registry: Arc<LazyRegistry>,
 }
 
 impl ConnectLayer {
-    /// Serve Connect for every method of every service in `pool`.
-    pub fn new(pool: DescriptorPool) -> Self {
-        Self { registry: Arc::new(Registry::new(&pool)) }
+    /// Serve Connect for every method of every service in the pool `load` returns (called once,
+    /// on the first request that needs it).
+    pub fn new(load: fn() -> DescriptorPool) -> Self {
+        Self { registry: Arc::new(LazyRegistry { load, registry: OnceLock::new() }) }
     }
 }
 
@@ -157,7 +186,7 @@ impl<S> tower::Layer<S> for ConnectLayer {
 #[derive(Clone, Debug)]
 pub struct ConnectService<S> {
     inner: S,
-    registry: Arc<Registry>,
+    registry: Arc<LazyRegistry>,
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -185,8 +214,12 @@ where
             return Box::pin(pass_through(inner, req));
         }
         let path = req.uri().path();
-        let Some(method) = self.registry.methods.get(path).cloned() else {
-            if self.registry.is_under_service(path) {
+        if !rpc_shaped(path) {
+            return Box::pin(pass_through(inner, req));
+        }
+        let registry = self.registry.get();
+        let Some(method) = registry.methods.get(path).cloned() else {
+            if registry.is_under_service(path) {
                 let err = ConnectProtocolError::UnknownMethod(path.to_owned()).to_wire();
                 let mut res = response::unary_error(&err, http::HeaderMap::new());
                 *res.status_mut() = StatusCode::NOT_FOUND;
@@ -318,5 +351,16 @@ mod tests {
         assert!(!r.is_under_service("/health"));
         assert!(!r.is_under_service("/process.Process"));
         assert!(!r.is_under_service("/files/process.Process/x"));
+    }
+
+    #[test]
+    fn only_rpc_shaped_paths_reach_the_registry() {
+        for path in ["/process.Process/Start", "/filesystem.Filesystem/Nope", "/grpc.reflection.v1.ServerReflection/X"]
+        {
+            assert!(rpc_shaped(path), "{path}");
+        }
+        for path in ["/health", "/files", "/", "", "/envs/x", "/process.Process", "/a.b/c/d", "process.Process/Start"] {
+            assert!(!rpc_shaped(path), "{path}");
+        }
     }
 }
