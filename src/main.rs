@@ -66,7 +66,9 @@ fn init_logging(format: LogFormat) {
         Some(Ok(targets)) => (targets, None),
         Some(Err(error)) => (Targets::new().with_default(tracing::Level::INFO), Some(error)),
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not in journals, consoles or log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(fmt).init(),
