@@ -16,6 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -114,8 +115,14 @@ impl AtomicWrite {
         let spare = self.finish_write().await?;
         let buffer = std::mem::replace(&mut self.buffer, spare);
         let file = self.file.clone();
+        let offset = self.written - buffer.len() as u64;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let result = (&*file).write_all(&buffer);
+            if result.is_ok() {
+                // Best effort (tmpfs and some filesystems do nothing or refuse): the bytes go to
+                // disk while the rest arrives, so commit's fsync has little left to wait for.
+                let _ = crate::sys::fd::start_writeback(file.as_fd(), offset, buffer.len() as u64);
+            }
             (buffer, result)
         }));
         Ok(())

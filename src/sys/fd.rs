@@ -120,3 +120,32 @@ pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
+
+/// Starts writeback of `len` bytes at `offset` of the file behind `fd` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a long streamed write then reaches the disk while
+/// it is being received, instead of piling up dirty pages that throttle the writer and make the
+/// final fsync wait for all of them. Not a durability guarantee (no metadata, no flush).
+pub fn start_writeback(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(nix::libc::EINVAL));
+    };
+    // SAFETY: plain syscall on a borrowed, open descriptor; no memory is passed.
+    let rc = unsafe { nix::libc::sync_file_range(fd.as_raw_fd(), offset, len, nix::libc::SYNC_FILE_RANGE_WRITE) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn writeback_starts_on_files_and_is_refused_on_pipes() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7; 8192]).unwrap();
+        start_writeback(file.as_fd(), 0, 8192).unwrap();
+        let (read, _write) = pipe().unwrap();
+        assert_eq!(start_writeback(read.as_fd(), 0, 1).unwrap_err().raw_os_error(), Some(nix::libc::ESPIPE));
+    }
+}
