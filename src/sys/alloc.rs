@@ -28,11 +28,15 @@ pub const MIN_CACHED: usize = 16 * 1024;
 /// Largest size the cache handles: output chunks and encoded messages stay far below.
 pub const MAX_CACHED: usize = 1024 * 1024;
 
-/// Most bytes (counted at the rounded-up class size) parked at any time.
-pub const BUDGET: usize = 2 * 1024 * 1024;
+/// Most bytes (counted at the rounded-up class size) parked at any time. A streaming command
+/// keeps up to ~5 MiB of output chunks alive (`process::output`'s window plus retained tail)
+/// and frees them in bursts as subscribers catch up; measured on a 1 GiB stream, 2 MiB still
+/// missed for ~30 % of the bytes, 8 MiB for almost none, and guestd's peak RSS rose by ~1 MiB
+/// only (a parked block stands in for the fresh one that would otherwise be mapped).
+pub const BUDGET: usize = 8 * 1024 * 1024;
 
-/// Parked blocks per size class at most.
-const SLOTS: usize = 8;
+/// Parked blocks per size class at most (32 × 256 KiB output buffers fill the budget).
+const SLOTS: usize = 32;
 
 /// Size classes: 16 KiB, 32 KiB, … 1 MiB.
 const CLASSES: usize = (MAX_CACHED / MIN_CACHED).trailing_zeros() as usize + 1;
@@ -263,7 +267,7 @@ mod tests {
 
             // The budget holds however many blocks are freed.
             let big = Layout::from_size_align(MAX_CACHED, 8).unwrap();
-            let blocks: Vec<*mut u8> = (0..4).map(|_| cache.alloc(big)).collect();
+            let blocks: Vec<*mut u8> = (0..BUDGET / MAX_CACHED + 2).map(|_| cache.alloc(big)).collect();
             for b in blocks {
                 cache.dealloc(b, big);
             }
