@@ -21,6 +21,7 @@ use std::ffi::{CString, c_int, c_void};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Mutex, PoisonError};
 
 use nix::libc;
 
@@ -122,8 +123,54 @@ struct ChildArgs {
     report: *mut Report,
 }
 
-/// Stack of the child: it runs only `child_main` and raw syscalls.
+/// Stack of the child: it runs only `child_main` and raw syscalls (a few hundred bytes).
 const CHILD_STACK: usize = 64 * 1024;
+
+/// The children's stack: mapped once, with an inaccessible guard page below it, so a child that
+/// somehow ran off its stack would fault instead of writing over guestd's heap. One suffices:
+/// the calling thread sleeps until its child has exec'd or exited, and the mutex serialises
+/// spawns (which the reaper's lock already does in guestd).
+struct ChildStack {
+    base: *mut c_void,
+}
+
+// SAFETY: the mapping is owned by the static below and only used under its mutex.
+unsafe impl Send for ChildStack {}
+
+static CHILD_STACKS: Mutex<Option<ChildStack>> = Mutex::new(None);
+
+impl ChildStack {
+    fn map() -> io::Result<ChildStack> {
+        let page = 4096;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK + page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the lowest page of the mapping just made.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            let error = io::Error::last_os_error();
+            // SAFETY: unmapping what we mapped above.
+            unsafe { libc::munmap(base, CHILD_STACK + page) };
+            return Err(error);
+        }
+        Ok(ChildStack { base })
+    }
+
+    /// The 16-byte aligned top (stacks grow down).
+    fn top(&self) -> *mut c_void {
+        ((self.base as usize + 4096 + CHILD_STACK) & !15) as *mut c_void
+    }
+}
 
 /// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
 ///
@@ -158,16 +205,18 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         cwd: setup.cwd.as_ptr(),
         report: &mut report,
     };
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down from its (16-byte aligned) end.
-    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut c_void;
+    let mut stacks = CHILD_STACKS.lock().unwrap_or_else(PoisonError::into_inner);
+    let top = match &mut *stacks {
+        Some(stack) => stack.top(),
+        empty => empty.insert(ChildStack::map()?).top(),
+    };
 
     let pid = {
         let _blocked = BlockedSignals::new()?;
         // SAFETY: `child_main` only makes raw syscalls on `args`, which (with everything it points
         // to) lives in this frame until clone returns; CLONE_VFORK suspends this thread until
         // the child has exec'd or exited, so the child's use of this memory ends before we go
-        // on. `top` is the aligned end of a live 64 KiB buffer used only as the child's stack.
+        // on. `top` is the aligned end of the guarded child stack, which `stacks` keeps ours.
         // All signals are blocked, so no handler runs on the child's stack.
         unsafe {
             libc::clone(
@@ -178,6 +227,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
             )
         }
     };
+    drop(stacks);
     drop(moved);
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -368,6 +418,25 @@ mod tests {
         assert!(out.contains("session"), "the child leads its own session: {out}");
         assert!(out.contains("SigIgn:\t0000000000000000"), "{out}");
         assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+    }
+
+    /// Spawns from many threads at once share the one child stack safely.
+    #[test]
+    fn concurrent_spawns_each_run_their_own_program() {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let word = format!("t{t}i{i}");
+                        let (out, code) = run(&exec(&["/bin/echo", &word]), &setup("/")).unwrap();
+                        assert_eq!((out.trim(), code), (word.as_str(), 0));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
