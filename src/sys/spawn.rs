@@ -395,7 +395,7 @@ mod tests {
     /// (These children are not registered with the reaper, which waits only for its own pids.)
     fn run(exec: &Exec, setup: &ChildSetup) -> io::Result<(String, i32)> {
         let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        let (read, write) = nix::unistd::pipe().unwrap();
+        let (read, write) = crate::sys::fd::pipe().unwrap(); // close-on-exec: other tests spawn too
         let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup)?;
         drop(write);
         let mut out = String::new();
