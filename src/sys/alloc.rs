@@ -116,6 +116,22 @@ impl BlockCache {
     }
 
     /// # Safety
+    /// `GlobalAlloc::alloc_zeroed`'s contract.
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let Some((class, class_size)) = class_of(layout) else {
+            // SAFETY: forwarded as is (calloc skips zeroing memory fresh from the kernel).
+            return unsafe { System.alloc_zeroed(layout) };
+        };
+        if let Some(block) = self.take(class, class_size) {
+            // SAFETY: a parked block of this class holds at least `layout.size()` bytes.
+            unsafe { block.write_bytes(0, layout.size()) };
+            return block;
+        }
+        // SAFETY: as in `alloc`.
+        unsafe { System.alloc_zeroed(Layout::from_size_align_unchecked(class_size, MALLOC_ALIGN)) }
+    }
+
+    /// # Safety
     /// `GlobalAlloc::dealloc`'s contract, for a block from this cache's `alloc`.
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         let Some((class, class_size)) = class_of(layout) else {
@@ -203,6 +219,11 @@ unsafe impl GlobalAlloc for CachingAlloc {
         unsafe { CACHE.alloc(layout) }
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract.
+        unsafe { CACHE.alloc_zeroed(layout) }
+    }
+
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         // SAFETY: same contract; every block of the process comes from CACHE.alloc.
         unsafe { CACHE.dealloc(block, layout) }
@@ -257,13 +278,23 @@ mod tests {
             assert_eq!(cache.parked_bytes(), 0);
             again.write_bytes(1, layout.size());
 
+            // A zeroed allocation served from a parked (dirty) block is zeroed.
+            let dirty = cache.alloc(layout);
+            dirty.write_bytes(0xcd, layout.size());
+            cache.dealloc(dirty, layout);
+            let zeroed = cache.alloc_zeroed(layout);
+            assert_eq!(zeroed, dirty);
+            assert!(std::slice::from_raw_parts(zeroed, layout.size()).iter().all(|&b| b == 0));
+            cache.dealloc(zeroed, layout);
+            assert_eq!(cache.parked_bytes(), 128 * 1024);
+
             // Growth across classes keeps the contents; within the class it is free.
             let grown = cache.realloc(again, layout, 300 * 1024);
             assert_eq!((*grown, *grown.add(layout.size() - 1)), (1, 1));
             let grown_layout = Layout::from_size_align(300 * 1024, 8).unwrap();
             assert_eq!(cache.realloc(grown, grown_layout, 400 * 1024), grown);
             cache.dealloc(grown, Layout::from_size_align(400 * 1024, 8).unwrap());
-            assert_eq!(cache.parked_bytes(), 128 * 1024 + 512 * 1024);
+            assert_eq!(cache.parked_bytes(), 2 * 128 * 1024 + 512 * 1024);
 
             // The budget holds however many blocks are freed.
             let big = Layout::from_size_align(MAX_CACHED, 8).unwrap();

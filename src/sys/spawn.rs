@@ -12,8 +12,9 @@
 //! the child runs on guestd's memory, it may only make raw system calls on that prepared data:
 //! no allocation, no lock, no libc wrapper with process-wide effects (musl's `setuid` and
 //! `setgroups` signal every thread of the caller: in this child they would signal guestd's).
-//! Signals are blocked in the parent around the clone, so no guestd handler can run on the
-//! child's stack; the child resets every disposition to the default before unblocking.
+//! Signals are blocked in the parent around the clone (every signal but the three musl reserves
+//! for itself, which guestd never receives), so no guestd handler can run on the child's stack;
+//! the child resets every disposition to the default before unblocking.
 //! A failing step writes which step and errno into the parent's frame and exits with 127; the
 //! parent reaps it and returns the error naming the step.
 
@@ -141,7 +142,7 @@ static CHILD_STACKS: Mutex<Option<ChildStack>> = Mutex::new(None);
 
 impl ChildStack {
     fn map() -> io::Result<ChildStack> {
-        let page = 4096;
+        let page = page_size();
         // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
         let base = unsafe {
             libc::mmap(
@@ -168,8 +169,15 @@ impl ChildStack {
 
     /// The 16-byte aligned top (stacks grow down).
     fn top(&self) -> *mut c_void {
-        ((self.base as usize + 4096 + CHILD_STACK) & !15) as *mut c_void
+        ((self.base as usize + page_size() + CHILD_STACK) & !15) as *mut c_void
     }
+}
+
+/// The MMU page size (4 KiB on x86_64; 4, 16 or 64 KiB on aarch64 kernels).
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
 }
 
 /// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
@@ -179,13 +187,15 @@ impl ChildStack {
 pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io::Result<u32> {
     // Descriptors below 3 would be overwritten while installing the others: move them up
     // first (guestd normally has 0-2 open, so this only happens when it was started without).
-    let mut moved = Vec::new();
+    // (`try_clone_to_owned` is F_DUPFD_CLOEXEC from 3 up; the copies close when `moved` drops.)
+    let mut moved: Vec<std::os::fd::OwnedFd> = Vec::new();
     let mut fds = [0; 3];
     for (slot, fd) in fds.iter_mut().zip(stdio) {
         *slot = if fd.as_raw_fd() < 3 {
-            let high = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+            let high = fd.try_clone_to_owned()?;
+            let raw = high.as_raw_fd();
             moved.push(high);
-            high
+            raw
         } else {
             fd.as_raw_fd()
         };
@@ -211,30 +221,32 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         empty => empty.insert(ChildStack::map()?).top(),
     };
 
-    let pid = {
+    let (pid, clone_error) = {
         let _blocked = BlockedSignals::new()?;
         // SAFETY: `child_main` only makes raw syscalls on `args`, which (with everything it points
         // to) lives in this frame until clone returns; CLONE_VFORK suspends this thread until
         // the child has exec'd or exited, so the child's use of this memory ends before we go
         // on. `top` is the aligned end of the guarded child stack, which `stacks` keeps ours.
         // All signals are blocked, so no handler runs on the child's stack.
-        unsafe {
+        let pid = unsafe {
             libc::clone(
                 child_main,
                 top,
                 libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
                 (&args as *const ChildArgs).cast_mut().cast(),
             )
-        }
+        };
+        (pid, io::Error::last_os_error())
     };
     drop(stacks);
     drop(moved);
     if pid < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(clone_error);
     }
     if report.step != 0 {
         // The child exited right after writing the report; collect it (see the doc comment).
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        let pid = nix::unistd::Pid::from_raw(pid);
+        while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(pid, None) {}
         let step = step_from(report.step);
         let source = io::Error::from_raw_os_error(report.errno);
         return Err(io::Error::new(source.kind(), StepError { step, source }));
@@ -437,6 +449,24 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// A source descriptor below 3 (guestd started with 0-2 closed, so its own pipes got those
+    /// numbers) is moved out of the way first, and the copy is not leaked.
+    #[test]
+    fn low_source_descriptors_are_installed_correctly() {
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let (read, write) = crate::sys::fd::pipe().unwrap();
+        // The test's own fd 2 stands in for a low-numbered source: the child's stderr.
+        // SAFETY: fd 2 is open for the whole test process and outlives this borrow.
+        let low = unsafe { BorrowedFd::borrow_raw(2) };
+        let pid =
+            spawn(&exec(&["/bin/sh", "-c", "echo moved"]), [null.as_fd(), write.as_fd(), low], &setup("/")).unwrap();
+        drop(write);
+        let mut out = String::new();
+        std::fs::File::from(read).read_to_string(&mut out).unwrap();
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        assert_eq!(out, "moved\n");
     }
 
     #[test]
