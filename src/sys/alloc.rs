@@ -64,6 +64,11 @@ fn class_of(layout: Layout) -> Option<(usize, usize)> {
     Some(((class_size / MIN_CACHED).trailing_zeros() as usize, class_size))
 }
 
+/// The layout a class's blocks are allocated from `System` with.
+fn class_layout(class_size: usize) -> Layout {
+    Layout::from_size_align(class_size, MALLOC_ALIGN).expect("class sizes are powers of two below isize::MAX")
+}
+
 /// `System` with parked large blocks; [`CachingAlloc`] is the process-wide instance.
 struct BlockCache {
     parked: Mutex<Parked>,
@@ -101,38 +106,33 @@ impl BlockCache {
         true
     }
 
+    /// `alloc` or (`zeroed`) `alloc_zeroed`: a parked block of the class if there is one,
+    /// else a fresh one from `System` at the class size (calloc's zeroing is free for memory
+    /// fresh from the kernel, so only a reused block is zeroed here).
+    ///
     /// # Safety
     /// `GlobalAlloc::alloc`'s contract.
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let Some((class, class_size)) = class_of(layout) else {
-            // SAFETY: forwarded as is; the caller's contract is System's.
-            return unsafe { System.alloc(layout) };
+    unsafe fn allocate(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let from_system = match class_of(layout) {
+            None => layout,
+            Some((class, class_size)) => {
+                if let Some(block) = self.take(class, class_size) {
+                    if zeroed {
+                        // SAFETY: a parked block of this class holds at least `layout.size()` bytes.
+                        unsafe { block.write_bytes(0, layout.size()) };
+                    }
+                    return block;
+                }
+                class_layout(class_size)
+            }
         };
-        if let Some(block) = self.take(class, class_size) {
-            return block;
-        }
-        // SAFETY: class_size >= layout.size() > 0 and MALLOC_ALIGN is a valid alignment.
-        unsafe { System.alloc(Layout::from_size_align_unchecked(class_size, MALLOC_ALIGN)) }
+        // SAFETY: `from_system` is the caller's layout (non-zero size) or a class layout at least
+        // as large and as aligned.
+        unsafe { if zeroed { System.alloc_zeroed(from_system) } else { System.alloc(from_system) } }
     }
 
     /// # Safety
-    /// `GlobalAlloc::alloc_zeroed`'s contract.
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let Some((class, class_size)) = class_of(layout) else {
-            // SAFETY: forwarded as is (calloc skips zeroing memory fresh from the kernel).
-            return unsafe { System.alloc_zeroed(layout) };
-        };
-        if let Some(block) = self.take(class, class_size) {
-            // SAFETY: a parked block of this class holds at least `layout.size()` bytes.
-            unsafe { block.write_bytes(0, layout.size()) };
-            return block;
-        }
-        // SAFETY: as in `alloc`.
-        unsafe { System.alloc_zeroed(Layout::from_size_align_unchecked(class_size, MALLOC_ALIGN)) }
-    }
-
-    /// # Safety
-    /// `GlobalAlloc::dealloc`'s contract, for a block from this cache's `alloc`.
+    /// `GlobalAlloc::dealloc`'s contract, for a block from this cache's `allocate`.
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         let Some((class, class_size)) = class_of(layout) else {
             // SAFETY: an uncached layout was allocated by System with this very layout.
@@ -140,12 +140,12 @@ impl BlockCache {
         };
         if !self.park(block, class, class_size) {
             // SAFETY: a cached-class block was allocated by System with exactly this layout.
-            unsafe { System.dealloc(block, Layout::from_size_align_unchecked(class_size, MALLOC_ALIGN)) }
+            unsafe { System.dealloc(block, class_layout(class_size)) }
         }
     }
 
     /// # Safety
-    /// `GlobalAlloc::realloc`'s contract, for a block from this cache's `alloc`.
+    /// `GlobalAlloc::realloc`'s contract, for a block from this cache's `allocate`.
     unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: realloc's contract guarantees new_size, rounded to the alignment, does not
         // overflow isize.
@@ -158,7 +158,7 @@ impl BlockCache {
             (Some((_, old)), Some((_, new))) if old == new => block,
             _ => {
                 // SAFETY: new_layout is valid (see above) and non-zero (new_size >= 1 for realloc).
-                let new_block = unsafe { self.alloc(new_layout) };
+                let new_block = unsafe { self.allocate(new_layout, false) };
                 if !new_block.is_null() {
                     // SAFETY: both blocks are valid for min(old, new) bytes and distinct; the old
                     // one was allocated here with `layout`.
@@ -192,7 +192,7 @@ impl BlockCache {
         for &(block, class_size) in &released[..count] {
             // SAFETY: parked blocks were allocated by System with (class size, MALLOC_ALIGN) and
             // nothing references them any more.
-            unsafe { System.dealloc(block, Layout::from_size_align_unchecked(class_size, MALLOC_ALIGN)) };
+            unsafe { System.dealloc(block, class_layout(class_size)) };
         }
     }
 
@@ -216,16 +216,16 @@ pub struct CachingAlloc;
 unsafe impl GlobalAlloc for CachingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract.
-        unsafe { CACHE.alloc(layout) }
+        unsafe { CACHE.allocate(layout, false) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract.
-        unsafe { CACHE.alloc_zeroed(layout) }
+        unsafe { CACHE.allocate(layout, true) }
     }
 
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
-        // SAFETY: same contract; every block of the process comes from CACHE.alloc.
+        // SAFETY: same contract; every block of the process comes from CACHE.allocate.
         unsafe { CACHE.dealloc(block, layout) }
     }
 
@@ -268,21 +268,21 @@ mod tests {
         let layout = Layout::from_size_align(100 * 1024, 8).unwrap();
         // SAFETY: every block is used within its layout and freed once with that layout.
         unsafe {
-            let first = cache.alloc(layout);
+            let first = cache.allocate(layout, false);
             assert!(!first.is_null());
             first.write_bytes(0xab, layout.size());
             cache.dealloc(first, layout);
             assert_eq!(cache.parked_bytes(), 128 * 1024);
-            let again = cache.alloc(layout);
+            let again = cache.allocate(layout, false);
             assert_eq!(again, first, "a parked block of the class is reused");
             assert_eq!(cache.parked_bytes(), 0);
             again.write_bytes(1, layout.size());
 
             // A zeroed allocation served from a parked (dirty) block is zeroed.
-            let dirty = cache.alloc(layout);
+            let dirty = cache.allocate(layout, false);
             dirty.write_bytes(0xcd, layout.size());
             cache.dealloc(dirty, layout);
-            let zeroed = cache.alloc_zeroed(layout);
+            let zeroed = cache.allocate(layout, true);
             assert_eq!(zeroed, dirty);
             assert!(std::slice::from_raw_parts(zeroed, layout.size()).iter().all(|&b| b == 0));
             cache.dealloc(zeroed, layout);
@@ -298,7 +298,7 @@ mod tests {
 
             // The budget holds however many blocks are freed.
             let big = Layout::from_size_align(MAX_CACHED, 8).unwrap();
-            let blocks: Vec<*mut u8> = (0..BUDGET / MAX_CACHED + 2).map(|_| cache.alloc(big)).collect();
+            let blocks: Vec<*mut u8> = (0..BUDGET / MAX_CACHED + 2).map(|_| cache.allocate(big, false)).collect();
             for b in blocks {
                 cache.dealloc(b, big);
             }

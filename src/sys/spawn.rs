@@ -67,9 +67,8 @@ pub struct Exec {
 
 /// The child step that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
 pub enum Step {
-    Stdio = 1,
+    Stdio,
     Setsid,
     ControllingTty,
     Setgroups,
@@ -104,12 +103,8 @@ pub struct StepError {
     pub source: io::Error,
 }
 
-/// Written by the child into the parent's frame when a step fails.
-#[repr(C)]
-struct Report {
-    step: u32,
-    errno: c_int,
-}
+/// Written by the child into the parent's frame when a step fails: the step and its errno.
+type Report = Option<(Step, c_int)>;
 
 /// What the child reads: raw pointers into data the parent keeps alive across the clone.
 struct ChildArgs {
@@ -204,7 +199,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         exec.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: Vec<*const libc::c_char> =
         exec.env.iter().map(|e| e.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let mut report = Report { step: 0, errno: 0 };
+    let mut report: Report = None;
     let args = ChildArgs {
         path: exec.path.as_ptr(),
         argv: argv.as_ptr(),
@@ -243,22 +238,14 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
     if pid < 0 {
         return Err(clone_error);
     }
-    if report.step != 0 {
+    if let Some((step, errno)) = report {
         // The child exited right after writing the report; collect it (see the doc comment).
         let pid = nix::unistd::Pid::from_raw(pid);
         while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(pid, None) {}
-        let step = step_from(report.step);
-        let source = io::Error::from_raw_os_error(report.errno);
+        let source = io::Error::from_raw_os_error(errno);
         return Err(io::Error::new(source.kind(), StepError { step, source }));
     }
     Ok(pid as u32)
-}
-
-fn step_from(raw: u32) -> Step {
-    [Step::Stdio, Step::Setsid, Step::ControllingTty, Step::Setgroups, Step::Setgid, Step::Setuid, Step::Chdir]
-        .into_iter()
-        .find(|s| *s as u32 == raw)
-        .unwrap_or(Step::Exec)
 }
 
 /// Blocks every signal in the calling thread until dropped.
@@ -341,7 +328,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     let Err((step, errno)) = result;
     // SAFETY: `report` points into the parent's frame, which is suspended until we exit.
     unsafe {
-        *a.report = Report { step: step as u32, errno };
+        *a.report = Some((step, errno));
         let _ = raw(libc::SYS_exit, 127, 0, 0, 0);
     }
     127
