@@ -18,7 +18,7 @@ pub(crate) fn request_user<T>(request: &tonic::Request<T>, defaults: &Defaults) 
         return Ok(user.clone());
     }
     match basic_username(request.metadata())? {
-        Some(name) => users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}"))),
+        Some(name) => lookup_basic(&name),
         None if defaults.user.is_empty() => Err(unauthenticated("no user specified".to_owned())),
         None => users::lookup(&defaults.user)
             .map_err(|e| unauthenticated(format!("invalid default user: '{}': {e}", defaults.user))),
@@ -29,10 +29,15 @@ pub(crate) fn request_user<T>(request: &tonic::Request<T>, defaults: &Defaults) 
 /// whether or not the method acts as a user (envd's authn middleware runs for every request).
 pub(crate) fn known_basic_user(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
     if let Some(name) = basic_username(request.metadata())? {
-        let user = users::lookup(&name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}")))?;
+        let user = lookup_basic(&name)?;
         request.extensions_mut().insert(BasicUser(user));
     }
     Ok(request)
+}
+
+/// The user a Basic `Authorization` header names; unknown is `unauthenticated`, naming it.
+fn lookup_basic(name: &str) -> Result<User, Status> {
+    users::lookup(name).map_err(|e| unauthenticated(format!("invalid username: '{name}': {e}")))
 }
 
 /// The username of a Basic `Authorization` header; `None` when there is no Basic header.
