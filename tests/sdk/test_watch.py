@@ -82,6 +82,13 @@ def up_to_sentinel(events: list[FilesystemEvent], sentinel: str) -> list[Filesys
     raise AssertionError(f"no CREATE {sentinel} in {pairs(events)}")
 
 
+def poll_to_sentinel(h, d) -> list[FilesystemEvent]:
+    """Creates a sentinel file in `d`, polls `h` until its CREATE and returns the events before it:
+    everything the test's own operations caused, in order."""
+    sentinel = touch_sentinel(d)
+    return up_to_sentinel(poll_until(h, until_event(CREATE, sentinel)), sentinel)
+
+
 @pytest.fixture
 def watched(tmp_path):
     d = tmp_path / "watched"
@@ -104,11 +111,10 @@ def test_sync_watch_reports_each_operation_in_order(sandbox, watched):
         os.mkdir(watched / "sub")
         with open(watched / "sub" / "inner", "w") as f:  # not watched: non-recursive
             f.write("y")
-        sentinel = touch_sentinel(watched)
-        events = poll_until(h, until_event(CREATE, sentinel))
+        events = poll_to_sentinel(h, watched)
     finally:
         h.stop()
-    assert pairs(up_to_sentinel(events, sentinel)) == [
+    assert pairs(events) == [
         (CREATE, "f.txt"),
         (WRITE, "f.txt"),
         (RENAME, "f.txt"),
@@ -142,8 +148,7 @@ def test_sync_watch_sees_sdk_write_of_a_new_file_as_create_chmod_write(sandbox, 
     h = sandbox.files.watch_dir(str(watched))
     try:
         sandbox.files.write(str(watched / "test_watch.txt"), "This file will be watched.")
-        sentinel = touch_sentinel(watched)
-        events = up_to_sentinel(poll_until(h, until_event(CREATE, sentinel)), sentinel)
+        events = poll_to_sentinel(h, watched)
     finally:
         h.stop()
     assert pairs(events) == [
@@ -161,8 +166,7 @@ def test_sync_watch_sees_sdk_overwrite_as_write_of_that_file(sandbox, watched):
     try:
         sandbox.files.write(str(watched / "w.txt"), "This file has been modified.")
         sandbox.files.write(str(watched / "w.txt"), io.BytesIO(b"streamed over it"))
-        sentinel = touch_sentinel(watched)
-        events = up_to_sentinel(poll_until(h, until_event(CREATE, sentinel)), sentinel)
+        events = poll_to_sentinel(h, watched)
     finally:
         h.stop()
     assert (WRITE, "w.txt") in pairs(events), f"no WRITE w.txt for an overwrite; events: {pairs(events)}"
@@ -178,11 +182,9 @@ def test_sync_recursive_watch_sees_mkdir_p_contents(sandbox, watched):
     try:
         sandbox.commands.run("mkdir -p a/b/c && touch a/b/c/f", cwd=str(watched))
         events = poll_until(h, until_event(CREATE, "a/b/c/f"))
-        sentinel = touch_sentinel(watched)
-        events += poll_until(h, until_event(CREATE, sentinel))
+        events += poll_to_sentinel(h, watched)
     finally:
         h.stop()
-    events = up_to_sentinel(events, sentinel)
     creates = [e.name for e in events if e.type == CREATE]
     assert creates == ["a", "a/b", "a/b/c", "a/b/c/f"], f"events: {pairs(events)}"
     assert {e.name for e in events} <= {"a", "a/b", "a/b/c", "a/b/c/f"}, f"events: {pairs(events)}"
@@ -196,8 +198,7 @@ def test_sync_recursive_watch_names_are_relative_to_the_root(sandbox, watched):
             f.write("1")
         os.rename(watched / "a" / "b" / "c" / "f", watched / "a" / "b" / "g")
         os.remove(watched / "a" / "b" / "g")
-        sentinel = touch_sentinel(watched)
-        events = up_to_sentinel(poll_until(h, until_event(CREATE, sentinel)), sentinel)
+        events = poll_to_sentinel(h, watched)
     finally:
         h.stop()
     assert pairs(events) == [
@@ -218,11 +219,9 @@ def test_sync_recursive_watch_follows_renamed_directories(sandbox, watched):
         with open(watched / "a" / "z" / "c" / "new", "w"):
             pass
         events += poll_until(h, until_event(CREATE, "a/z/c/new"))
-        sentinel = touch_sentinel(watched)
-        events += poll_until(h, until_event(CREATE, sentinel))
+        events += poll_to_sentinel(h, watched)
     finally:
         h.stop()
-    events = up_to_sentinel(events, sentinel)
     assert pairs(events)[:2] == [(RENAME, "a/b"), (CREATE, "a/z")], f"events: {pairs(events)}"
     assert not [e for e in events if e.name.startswith("a/b/")], (
         f"events under the directory's old name after the rename: {pairs(events)}"
@@ -340,6 +339,12 @@ async def wait_events(events: list, done: Callable[[list], bool], timeout: float
     return list(events)
 
 
+async def stream_to_sentinel(events: list, d) -> list[FilesystemEvent]:
+    """`poll_to_sentinel` for a streaming watcher appending to `events`."""
+    sentinel = touch_sentinel(d)
+    return up_to_sentinel(await wait_events(events, until_event(CREATE, sentinel)), sentinel)
+
+
 def test_async_watch_streams_each_operation_in_order(sandbox, watched):
     async def main():
         sbx = await async_sandbox()
@@ -354,11 +359,10 @@ def test_async_watch_streams_each_operation_in_order(sandbox, watched):
             os.mkdir(watched / "sub")
             with open(watched / "sub" / "inner", "w") as f:
                 f.write("y")
-            sentinel = touch_sentinel(watched)
-            got = await wait_events(events, until_event(CREATE, sentinel))
+            got = await stream_to_sentinel(events, watched)
         finally:
             await h.stop()
-        assert pairs(up_to_sentinel(got, sentinel)) == [
+        assert pairs(got) == [
             (CREATE, "f.txt"),
             (WRITE, "f.txt"),
             (RENAME, "f.txt"),
@@ -380,8 +384,7 @@ def test_async_recursive_watch_sees_mkdir_p_contents(sandbox, watched):
         try:
             await sbx.commands.run("mkdir -p a/b/c && touch a/b/c/f", cwd=str(watched))
             await wait_events(events, until_event(CREATE, "a/b/c/f"))
-            sentinel = touch_sentinel(watched)
-            got = up_to_sentinel(await wait_events(events, until_event(CREATE, sentinel)), sentinel)
+            got = await stream_to_sentinel(events, watched)
         finally:
             await h.stop()
         creates = [e.name for e in got if e.type == CREATE]
@@ -401,8 +404,7 @@ def test_async_watch_sees_sdk_write_of_nested_file(sandbox, watched):
         h = await sbx.files.watch_dir(str(watched), on_event=events.append, recursive=True)
         try:
             await sbx.files.write(str(watched / "nested" / "w.txt"), "This file will be watched.")
-            sentinel = touch_sentinel(watched)
-            got = up_to_sentinel(await wait_events(events, until_event(CREATE, sentinel)), sentinel)
+            got = await stream_to_sentinel(events, watched)
         finally:
             await h.stop()
         assert (WRITE, "nested/w.txt") in pairs(got), f"events: {pairs(got)}"
