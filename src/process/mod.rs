@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use self::io::{Input, InputError};
 pub use self::output::Subscription;
 use self::output::{Limits, OutputLog, Stream};
-use self::reaper::{ExitReceiver, Outcome};
+use self::reaper::Exit;
 use self::spawn::ParentIo;
 use crate::paths::PathError;
 use crate::sys::fd::AsyncRawFd;
@@ -585,11 +585,11 @@ async fn enforce_timeout(proc: Arc<Proc>, limit: Duration) {
 async fn supervise(
     inner: Arc<Inner>,
     proc: Arc<Proc>,
-    exit: ExitReceiver,
+    exit: Exit,
     pumps: Vec<JoinHandle<()>>,
     drain: CancellationToken,
 ) {
-    let outcome = exit.await.unwrap_or(Outcome::Lost);
+    let outcome = exit.wait().await;
     let aborts: Vec<_> = pumps.iter().map(JoinHandle::abort_handle).collect();
     let mut pumps_done = pin!(async move {
         for pump in pumps {

@@ -5,6 +5,13 @@
 //! `signal_hook::iterator::Signals`; it then calls `waitpid(pid, WNOHANG)` for every registered
 //! pid and hands each status to that process's oneshot channel (which works across runtimes).
 //!
+//! The fast path: [`Exit::wait`] also watches a pidfd of the child in the caller's event loop and,
+//! when it turns readable, collects that one child itself ([`collect`], the same `waitpid` under
+//! the same lock). The exit then reaches the waiting task in the `epoll_wait` that also reports
+//! the child's pipes closing, instead of after a signal handler, a wake-up of the reaper thread
+//! and a wake-up back (two thread hops on every command's round trip). Whichever of the two
+//! collects the child first sends the status; the other finds nothing to do.
+//!
 //! Invariant: the table mutex serialises *spawning* and *reaping*. A child is forked, exec'd
 //! and registered while [`spawn`] holds the lock, and every `waitpid` happens under the same
 //! lock, so the reaper can never reap a child before it is registered, and can never steal the
@@ -19,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::time::Duration;
@@ -40,8 +48,33 @@ pub enum Outcome {
     Lost,
 }
 
-/// Resolves once the child has been reaped.
-pub type ExitReceiver = oneshot::Receiver<Outcome>;
+/// A registered child's exit, to be awaited once.
+#[derive(Debug)]
+pub struct Exit {
+    pid: i32,
+    reaped: oneshot::Receiver<Outcome>,
+    /// None where the kernel has no pidfds (< 5.3): the reaper thread alone then reports.
+    pidfd: Option<OwnedFd>,
+}
+
+impl Exit {
+    /// Resolves once the child has been reaped, by this task (pidfd) or by the reaper thread.
+    pub async fn wait(mut self) -> Outcome {
+        if let Some(pidfd) = self.pidfd.take() {
+            tokio::select! {
+                biased;
+                outcome = &mut self.reaped => return outcome.unwrap_or(Outcome::Lost),
+                // An error (no reactor to register with) leaves the report to the reaper thread.
+                exited = wait::exited(pidfd) => {
+                    if exited.is_ok() {
+                        collect(self.pid);
+                    }
+                }
+            }
+        }
+        self.reaped.await.unwrap_or(Outcome::Lost)
+    }
+}
 
 /// How often the reaper scans when SIGCHLD delivery could not be set up (it always can on
 /// Linux; this only keeps guestd working, slowly, if signal registration ever fails).
@@ -97,16 +130,45 @@ pub fn set_adopt_orphans(adopt: bool) {
 
 /// Runs `start` (which spawns a child and returns its pid) and registers the child, atomically
 /// with respect to the reaper: `start` may itself reap a child whose exec failed.
-pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, ExitReceiver)> {
+pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, Exit)> {
     ensure_started();
     let mut table = table();
     let pid = start()?;
-    let (tx, rx) = oneshot::channel();
-    table.insert(i32::try_from(pid).map_err(io::Error::other)?, tx);
+    let raw = i32::try_from(pid).map_err(io::Error::other)?;
+    // Under the lock the child is unreaped, so the pid still names it.
+    let pidfd = wait::pidfd_open(raw)
+        .inspect_err(|error| tracing::debug!(pid, %error, "no pidfd; the reaper thread reports this exit"))
+        .ok();
+    let (tx, reaped) = oneshot::channel();
+    table.insert(raw, tx);
     drop(table);
     // A SIGCHLD that arrived while we held the lock woke the reaper, which then waited for the
     // lock and scans after us; nothing to do here.
-    Ok((pid, rx))
+    Ok((pid, Exit { pid: raw, reaped, pidfd }))
+}
+
+/// Collects `pid` if it has ended and is still registered (a registered pid is unreaped, so it
+/// cannot have been recycled), and sends its outcome to its [`Exit`].
+fn collect(pid: i32) {
+    let mut table = table();
+    if !table.contains_key(&pid) {
+        return; // the reaper thread was first
+    }
+    let outcome = match wait::try_wait(pid) {
+        Ok(None) => return,
+        Ok(Some(status)) => Outcome::Ended(status),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => {
+            tracing::error!(pid, "registered child was reaped by someone else");
+            Outcome::Lost
+        }
+        Err(error) => {
+            tracing::warn!(pid, %error, "waitpid failed");
+            return;
+        }
+    };
+    if let Some(tx) = table.remove(&pid) {
+        let _ = tx.send(outcome);
+    }
 }
 
 /// Sends `signal` to the process group `pgid` (`kill(-pgid)`).
@@ -169,14 +231,14 @@ mod tests {
     use std::process::Command;
 
     /// std's spawn, for these tests only (guestd spawns through `sys::spawn`).
-    fn std_spawn(cmd: &mut Command) -> io::Result<(u32, ExitReceiver)> {
+    fn std_spawn(cmd: &mut Command) -> io::Result<(u32, Exit)> {
         spawn(|| cmd.spawn().map(|child| child.id()))
     }
 
     #[tokio::test]
     async fn exit_status_reaches_the_spawner() {
         let (_pid, exit) = std_spawn(Command::new("/bin/sh").args(["-c", "exit 7"])).unwrap();
-        assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Exited(7)));
+        assert_eq!(exit.wait().await, Outcome::Ended(WaitStatus::Exited(7)));
     }
 
     #[tokio::test]
@@ -189,6 +251,6 @@ mod tests {
     #[tokio::test]
     async fn signal_death_is_reported_with_its_number() {
         let (_pid, exit) = std_spawn(Command::new("/bin/sh").args(["-c", "kill -KILL $$"])).unwrap();
-        assert_eq!(exit.await.unwrap(), Outcome::Ended(WaitStatus::Signaled { signal: 9, core_dumped: false }));
+        assert_eq!(exit.wait().await, Outcome::Ended(WaitStatus::Signaled { signal: 9, core_dumped: false }));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use nix::unistd::Uid;
 
-use super::reaper::{self, ExitReceiver};
+use super::reaper::{self, Exit};
 use super::{ProcessError, StartSpec};
 use crate::paths;
 use crate::sys::fd::{self as sysfd, AsyncRawFd};
@@ -29,7 +29,7 @@ use crate::users::User;
 /// A spawned, registered child and guestd's ends of its I/O.
 pub(super) struct Launched {
     pub pid: u32,
-    pub exit: ExitReceiver,
+    pub exit: Exit,
     pub io: ParentIo,
 }
 

@@ -1,10 +1,14 @@
-//! `waitpid(2)` with the raw status decoded.
+//! `waitpid(2)` with the raw status decoded, and `pidfd_open(2)`.
 //!
 //! We call libc directly rather than `nix::sys::wait::waitpid`: nix converts the status into its
 //! `Signal` enum and returns `EINVAL` for signals it has no variant for (real-time signals),
 //! after the child has already been reaped, which would lose the exit status for good.
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use nix::libc;
 
@@ -57,4 +61,30 @@ fn decode(raw: libc::c_int) -> Option<WaitStatus> {
     } else {
         None
     }
+}
+
+/// `pidfd_open(pid, 0)` (Linux ≥ 5.3): a descriptor that becomes readable when `pid` exits, so an
+/// event loop learns of the exit in the same `epoll_wait` as the child's pipes closing, without
+/// waiting for SIGCHLD to travel through a signal handler and another thread.
+///
+/// The caller must know `pid` is its own unreaped child (else the number may name a stranger).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1; no memory is
+    // passed.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(rc).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned `fd` as a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Resolves once the process behind `pidfd` has exited (the descriptor turns readable in the
+/// current runtime's reactor). Must be called from within a tokio runtime with I/O enabled.
+pub async fn exited(pidfd: OwnedFd) -> io::Result<()> {
+    // SAFETY: `pidfd` moves into the AsyncFd, so the descriptor stays open and names the same
+    // pidfd until the AsyncFd (and with it the registration) is dropped.
+    let fd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+    fd.readable().await.map(drop)
 }
