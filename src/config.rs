@@ -33,6 +33,12 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub default_user: Option<String>,
 
+    /// Kernel module (`.ko` file) to load before listening, in the order given; one already
+    /// loaded is fine. For guestd as PID 1 of a kernel whose vsock transport is modular, e.g.
+    /// `--kernel-module /lib/modules/vsock.ko --kernel-module …/vmw_vsock_virtio_transport.ko`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel_module: Vec<PathBuf>,
+
     /// Log format on stderr. The filter comes from `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

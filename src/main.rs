@@ -19,7 +19,7 @@ static GLOBAL: guestd::sys::alloc::CachingAlloc = guestd::sys::alloc::CachingAll
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse_from(translate_envd_flags(std::env::args()));
+    let mut args = Args::parse_from(translate_envd_flags(std::env::args()));
     if args.envd_version {
         // The template builder runs `envd -version` and gates SDK features on the answer.
         #[allow(clippy::print_stdout, reason = "the answer goes to stdout, as envd's does")]
@@ -28,10 +28,12 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let modules = std::mem::take(&mut args.kernel_module);
     let config = Config::from_args(args, &ProcessEnvironment)?;
     init_logging(config.log_format);
     // PID 1 mounts and adopts orphans before anything can spawn.
     let pid1 = guestd::pid1::is_pid1().then(|| std::sync::Arc::new(guestd::pid1::setup()));
+    load_kernel_modules(&modules);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let served = runtime.block_on(async {
         let server = guestd::server::Server::bind(&config).await?;
@@ -54,6 +56,19 @@ fn main() -> anyhow::Result<()> {
         pid1.finish();
     }
     served
+}
+
+/// Loads `--kernel-module`s in order. A failure is logged and the rest still load: a listener
+/// that needed the module then fails to bind with its own error, and as PID 1 guestd powers the
+/// machine off rather than leave a guest nobody can reach.
+fn load_kernel_modules(modules: &[std::path::PathBuf]) {
+    for path in modules {
+        let started = std::time::Instant::now();
+        match guestd::sys::kmod::load(path) {
+            Ok(loaded) => tracing::info!(module = %path.display(), ?loaded, took = ?started.elapsed(), "kernel module"),
+            Err(error) => tracing::error!(module = %path.display(), %error, "cannot load kernel module"),
+        }
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (`info` when unset): a default level and/or

@@ -3,8 +3,8 @@
 //! Everything here is a thin, documented wrapper that the domain modules call through a safe
 //! signature: the vfork-style spawn and the child's steps up to `exec` ([`spawn`]), the global
 //! allocator ([`alloc`]), non-blocking file descriptors registered with the tokio reactor
-//! ([`fd`]), PTY allocation and window sizes ([`pty`]) and `waitpid` with the raw status
-//! decoded ([`wait`]). Nothing in here knows about
+//! ([`fd`]), PTY allocation and window sizes ([`pty`]), `waitpid` with the raw status
+//! decoded and pidfds ([`wait`]), and kernel module loading ([`kmod`]). Nothing in here knows about
 //! processes as guestd sees them (tags, subscribers, retention): that lives in `process`.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
@@ -15,6 +15,7 @@ pub mod clock;
 pub mod entropy;
 pub mod fd;
 pub mod init;
+pub mod kmod;
 pub mod pty;
 pub mod spawn;
 pub mod wait;

@@ -15,14 +15,15 @@
 //! Boot timing, measured in one run, on one clock (the guest's: seconds since the kernel started,
 //! `/proc/uptime`; with `tsc_early_khz` the TCG guest clock runs at host speed):
 //! - `init_start`: the first line of `/init` — the time the kernel needs to reach init;
-//! - `guestd_exec`: just before `/init` execs guestd, after loading the vsock modules (which a
-//!   Firecracker guest kernel has built in);
+//! - `guestd_exec`: just before `/init` execs guestd, which then loads the vsock modules itself
+//!   (`--kernel-module`; a Firecracker guest kernel has them built in);
 //! - `first_command`: `/proc/uptime` read by the first command the host runs, which the host
 //!   starts the moment its connection attempts (every ≤ 20 ms) get through.
 //!
-//! `first_command − guestd_exec` is what guestd adds (start-up, vsock listen, HTTP/2 set-up,
-//! spawning `sh`) plus at most one host poll interval; `first_command − init_start` adds the
-//! module loading. The host wall clock from QEMU's spawn is reported beside them.
+//! `first_command − guestd_exec` is what guestd adds (module loading, start-up, vsock listen,
+//! HTTP/2 set-up, spawning `cat`) plus at most one host poll interval; `first_command −
+//! init_start` adds `/init`'s two mounts. The host wall clock from QEMU's spawn is reported
+//! beside them.
 
 #![allow(clippy::print_stdout, reason = "the tier's report (boot timings, throughput) is its output")]
 
@@ -244,15 +245,15 @@ async fn sh(client: &Client, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The guest-clock time of guestd's "listening" log line (see the call site).
-fn listening_uptime(console: &str, clocks: &str) -> Option<f64> {
+/// The guest-clock time of the last guestd log line `is_line` picks (see the call sites).
+fn logged_uptime(console: &str, clocks: &str, is_line: impl Fn(&str) -> bool) -> Option<f64> {
     let uptime: f64 = clocks.split_whitespace().next()?.parse().ok()?;
     let field = |name: &str| -> Option<f64> {
         clocks.lines().find_map(|l| l.trim().strip_prefix(name)).and_then(|v| v.trim().parse().ok())
     };
     let wall = field("time.tv_sec:")? + field("time.tv_usec:")? / 1e6;
     let console = strip_ansi(console);
-    let line = console.lines().find(|l| l.contains("guestd::server") && l.contains("listening"))?;
+    let line = console.lines().filter(|l| is_line(l)).last()?;
     let stamp = line.split_whitespace().next()?;
     let stamp = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
     let logged = stamp.unix_timestamp_nanos() as f64 / 1e9;
@@ -334,7 +335,16 @@ async fn drive(vm: &mut Vm) {
     // When guestd started listening, on the guest clock: its log line's wall-clock time minus
     // (wall clock − uptime), both read now, one exec apart.
     let clocks = sh(&client, "cat /proc/uptime; adjtimex").await;
-    let listening = listening_uptime(&vm.log("console.log"), &clocks);
+    let console = vm.log("console.log");
+    let modules_loaded = logged_uptime(&console, &clocks, |l| l.contains("kernel module") && l.contains("loaded=Now"));
+    let listening = logged_uptime(&console, &clocks, |l| l.contains("guestd::server") && l.contains("listening"));
+    // guestd itself loaded the vsock transport (tests/microvm/init passes --kernel-module).
+    let module_lines: Vec<String> = strip_ansi(&console)
+        .lines()
+        .filter(|l| l.contains("kernel module") && l.contains("loaded=Now"))
+        .map(|l| l.split_once("module=").map_or(l, |(_, rest)| rest).to_owned())
+        .collect();
+    assert_eq!(module_lines.len(), 6, "guestd logs one loaded module per --kernel-module:\n{console}");
 
     // ---- the start command from the kernel command line, replayed to a late Connect by tag ----
     let mut start = client.attach(&Selector::Tag("start_cmd".into())).await.expect("start_cmd is running");
@@ -416,9 +426,19 @@ async fn drive(vm: &mut Vm) {
     println!("micro-VM tier: QEMU TCG microvm, 1 vCPU, 256 MiB, kernel {kernel}, hybrid vsock via vhost-device-vsock");
     println!("  guest clock (s since the kernel started; clocksource {}):", clocksource.trim());
     println!("    kernel reached /init                     {init_start:6.2} s   <- kernel-to-init");
-    println!("    /init loaded vsock modules, exec guestd   {guestd_exec:6.2} s   (+{:.2})", guestd_exec - init_start);
+    println!("    /init execs guestd                         {guestd_exec:6.2} s   (+{:.2})", guestd_exec - init_start);
+    match modules_loaded {
+        Some(at) => println!("    guestd loaded the 6 vsock modules (log)    {at:6.2} s   (+{:.2})", at - guestd_exec),
+        None => println!("    guestd loaded the 6 vsock modules (log)       ?     (no log line found)"),
+    }
+    for line in &module_lines {
+        println!("      {line}");
+    }
     match listening {
-        Some(at) => println!("    guestd listening on vsock (its log)        {at:6.2} s   (+{:.2})", at - guestd_exec),
+        Some(at) => println!(
+            "    guestd listening on vsock (its log)        {at:6.2} s   (+{:.2})",
+            at - modules_loaded.unwrap_or(guestd_exec)
+        ),
         None => println!("    guestd listening on vsock (its log)           ?     (no log line found)"),
     }
     println!(
