@@ -1,14 +1,30 @@
 //! System users as guestd sees them: passwd entry plus supplementary groups.
 //!
 //! Lookups go through libc's `getpwnam_r`/`getgrouplist` (under static musl these parse
-//! `/etc/passwd` and `/etc/group` directly, no NSS). Nothing is cached: each call re-reads the
-//! files, so a user created after guestd started (e.g. by a template's build step) is found.
+//! `/etc/passwd` and `/etc/group` directly, no NSS; `getgrouplist` asks nscd first if its socket
+//! exists). Every command resolves its user, so [`lookup`] keeps what it found while both files
+//! are unchanged: two `stat`s instead of two opens, reads and parses and an nscd probe on each
+//! command. A user created, changed or removed after guestd started (a template's build step,
+//! `useradd`, `usermod -aG`) is seen at the next lookup: those tools replace the files, which
+//! changes their inode, size or times. With an nscd socket present nothing is cached (nscd may
+//! answer for users the files do not list).
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use nix::unistd::{Gid, Uid, getgrouplist};
+
+const PASSWD: &str = "/etc/passwd";
+const GROUP: &str = "/etc/group";
+const NSCD_SOCKET: &str = "/var/run/nscd/socket";
+
+/// Users kept at most; the cache starts over when full (it only holds users that exist, so
+/// this is never reached on a normal system, but a passwd file is not bounded).
+const CACHE_USERS: usize = 64;
 
 /// A resolved user, ready to spawn processes as.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,12 +53,81 @@ pub enum UserError {
     },
 }
 
-/// Looks `name` up in the passwd database (re-read on every call).
+/// Looks `name` up in the passwd database (cached while `/etc/passwd` and `/etc/group` are
+/// unchanged; see the module docs).
 pub fn lookup(name: &str) -> Result<User, UserError> {
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let sources = Sources::now();
+    if let Some(sources) = sources {
+        let cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(user) = cache.as_ref().filter(|c| c.sources == sources).and_then(|c| c.users.get(name)) {
+            return Ok(user.clone());
+        }
+    }
+    let user = lookup_uncached(name)?;
+    if let Some(sources) = sources {
+        let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = match cache.as_mut() {
+            Some(c) if c.sources == sources && c.users.len() < CACHE_USERS => c,
+            _ => cache.insert(Cache { sources, users: HashMap::new() }),
+        };
+        cache.users.insert(name.to_owned(), user.clone());
+    }
+    Ok(user)
+}
+
+fn lookup_uncached(name: &str) -> Result<User, UserError> {
     match nix::unistd::User::from_name(name) {
         Ok(Some(entry)) => Ok(from_entry(entry)),
         Ok(None) => Err(UserError::Unknown { name: name.to_owned() }),
         Err(errno) => Err(UserError::Lookup { name: name.to_owned(), source: errno.into() }),
+    }
+}
+
+/// Users found while the databases had these [`Sources`].
+struct Cache {
+    sources: Sources,
+    users: HashMap<String, User>,
+}
+
+/// What a lookup's answer depends on: the identity and version of both files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sources {
+    passwd: Stamp,
+    group: Stamp,
+}
+
+impl Sources {
+    /// None when caching is off: a file is unreadable (the lookup reports why) or nscd runs.
+    fn now() -> Option<Sources> {
+        if Path::new(NSCD_SOCKET).exists() {
+            return None;
+        }
+        Some(Sources { passwd: Stamp::of(Path::new(PASSWD))?, group: Stamp::of(Path::new(GROUP))? })
+    }
+}
+
+/// A file's identity and version as `stat` shows them. Editing tools replace the file (new
+/// inode); an in-place edit changes its times, and nearly always its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
     }
 }
 
@@ -108,6 +193,58 @@ mod tests {
         let err = lookup("no-such-user-guestd").unwrap_err();
         assert!(matches!(err, UserError::Unknown { .. }));
         assert_eq!(err.to_string(), "unknown user 'no-such-user-guestd'");
+    }
+
+    #[test]
+    fn a_file_stamp_changes_when_the_file_is_replaced_or_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        std::fs::write(&path, "a:x:1:1::/:/bin/sh\n").unwrap();
+        let first = Stamp::of(&path).unwrap();
+        assert_eq!(Stamp::of(&path), Some(first), "unchanged file, same stamp");
+        // What useradd/usermod do: write a new file, rename it over the old one.
+        let next = dir.path().join("passwd+");
+        std::fs::write(&next, "a:x:1:1::/:/bin/sh\n").unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        let replaced = Stamp::of(&path).unwrap();
+        assert_ne!(replaced, first);
+        // An in-place rewrite (same inode).
+        std::fs::write(&path, "a:x:1:1::/:/bin/sh\nb:x:2:2::/:/bin/sh\n").unwrap();
+        assert_ne!(Stamp::of(&path).unwrap(), replaced);
+        assert_eq!(Stamp::of(&dir.path().join("missing")), None);
+    }
+
+    #[test]
+    fn cached_lookups_see_users_and_groups_change() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipping cached_lookups_see_users_and_groups_change: needs root (useradd)");
+            return;
+        }
+        struct Cleanup(String);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("userdel").arg(&self.0).status();
+                let _ = std::process::Command::new("groupdel").arg(format!("{}-g", self.0)).status();
+            }
+        }
+        let name = format!("gd-cache-{}", std::process::id());
+        let group = format!("{name}-g");
+        let cleanup = Cleanup(name.clone());
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect("user admin tool");
+            assert!(status.success(), "{args:?}");
+        };
+        assert!(matches!(lookup(&name), Err(UserError::Unknown { .. })));
+        run(&["useradd", "-M", &name]);
+        let before = lookup(&name).expect("a user added after guestd started is found");
+        assert_eq!(lookup(&name).unwrap(), before, "second lookup: the cached user");
+        run(&["groupadd", &group]);
+        run(&["usermod", "-aG", &group, &name]);
+        let gid = nix::unistd::Group::from_name(&group).unwrap().unwrap().gid.as_raw();
+        let after = lookup(&name).unwrap();
+        assert!(after.groups.contains(&gid), "a group joined later is seen: {after:?}");
+        drop(cleanup);
+        assert!(matches!(lookup(&name), Err(UserError::Unknown { .. })), "a removed user is gone");
     }
 
     #[test]

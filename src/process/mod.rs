@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nix::sys::signal::Signal as NixSignal;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -436,13 +435,9 @@ impl ProcessManager {
         tracing::debug!("process started");
 
         let drain = CancellationToken::new();
-        let pumps: Vec<JoinHandle<()>> = pumps
-            .into_iter()
-            .map(|(fd, stream)| {
-                let pump = io::pump(fd, stream, Arc::clone(&log), drain.clone(), pid);
-                self.inner.tasks.spawn(pump)
-            })
-            .collect();
+        let pumps = futures_util::future::join_all(
+            pumps.into_iter().map(|(fd, stream)| io::pump(fd, stream, Arc::clone(&log), drain.clone(), pid)),
+        );
         if let Some(limit) = spec.timeout.filter(|t| !t.is_zero()) {
             self.inner.tasks.spawn(enforce_timeout(Arc::clone(&proc), limit));
         }
@@ -580,32 +575,35 @@ async fn enforce_timeout(proc: Arc<Proc>, limit: Duration) {
     }
 }
 
-/// Publishes End once the leader is reaped and the output is complete: after both pumps hit
-/// EOF, or, when we signalled the group, after a short drain of what is already buffered.
+/// Runs the output pumps and publishes End once the leader is reaped and the output is
+/// complete: after both pumps hit EOF, or, when we signalled the group, after a short drain of
+/// what is already buffered. One task per process: the pumps and the wait for the exit share it,
+/// so a command's whole life is woken on one worker.
 async fn supervise(
     inner: Arc<Inner>,
     proc: Arc<Proc>,
     exit: Exit,
-    pumps: Vec<JoinHandle<()>>,
+    pumps: impl Future<Output = Vec<()>>,
     drain: CancellationToken,
 ) {
-    let outcome = exit.wait().await;
-    let aborts: Vec<_> = pumps.iter().map(JoinHandle::abort_handle).collect();
-    let mut pumps_done = pin!(async move {
-        for pump in pumps {
-            let _ = pump.await;
+    let mut pumps = pin!(pumps);
+    let mut exit = pin!(exit.wait());
+    let mut pumps_done = false;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut exit => break outcome,
+            _ = &mut pumps, if !pumps_done => pumps_done = true,
         }
-    });
-    tokio::select! {
-        biased;
-        () = &mut pumps_done => {}
-        () = proc.cut.cancelled() => {
-            drain.cancel();
-            if tokio::time::timeout(DRAIN_GRACE, &mut pumps_done).await.is_err() {
-                for abort in &aborts {
-                    abort.abort();
-                }
-                pumps_done.await;
+    };
+    if !pumps_done {
+        tokio::select! {
+            biased;
+            _ = &mut pumps => {}
+            () = proc.cut.cancelled() => {
+                drain.cancel();
+                // Past the grace the pumps are dropped: a descendant that escaped the kill may
+                // hold the pipe open forever.
+                let _ = tokio::time::timeout(DRAIN_GRACE, &mut pumps).await;
             }
         }
     }
