@@ -154,20 +154,26 @@ fn collect(pid: i32) {
     if !table.contains_key(&pid) {
         return; // the reaper thread was first
     }
-    let outcome = match wait::try_wait(pid) {
-        Ok(None) => return,
-        Ok(Some(status)) => Outcome::Ended(status),
+    if let Some(outcome) = try_collect(pid)
+        && let Some(tx) = table.remove(&pid)
+    {
+        let _ = tx.send(outcome);
+    }
+}
+
+/// `waitpid(pid, WNOHANG)` for a registered pid (the caller holds the table lock): None while it
+/// runs (or when waitpid failed oddly, logged; the next scan retries).
+fn try_collect(pid: i32) -> Option<Outcome> {
+    match wait::try_wait(pid) {
+        Ok(status) => status.map(Outcome::Ended),
         Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => {
             tracing::error!(pid, "registered child was reaped by someone else");
-            Outcome::Lost
+            Some(Outcome::Lost)
         }
         Err(error) => {
             tracing::warn!(pid, %error, "waitpid failed");
-            return;
+            None
         }
-    };
-    if let Some(tx) = table.remove(&pid) {
-        let _ = tx.send(outcome);
     }
 }
 
@@ -204,18 +210,8 @@ fn reap() {
         }
         return;
     }
-    let mut ended = Vec::new();
-    for &pid in table.keys() {
-        match wait::try_wait(pid) {
-            Ok(None) => {}
-            Ok(Some(status)) => ended.push((pid, Outcome::Ended(status))),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => {
-                tracing::error!(pid, "registered child was reaped by someone else");
-                ended.push((pid, Outcome::Lost));
-            }
-            Err(error) => tracing::warn!(pid, %error, "waitpid failed"),
-        }
-    }
+    let ended: Vec<(i32, Outcome)> =
+        table.keys().filter_map(|&pid| try_collect(pid).map(|outcome| (pid, outcome))).collect();
     for (pid, outcome) in ended {
         if let Some(tx) = table.remove(&pid) {
             // The receiver is gone only if its runtime shut down; the child is reaped anyway.
