@@ -15,6 +15,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::{Gid, Uid, getgrouplist};
 
@@ -64,8 +65,8 @@ pub fn lookup(name: &str) -> Result<User, UserError> {
             return Ok(user.clone());
         }
     }
-    let user = lookup_uncached(name)?;
-    if let Some(sources) = sources {
+    let (user, complete) = lookup_uncached(name)?;
+    if let Some(sources) = sources.filter(|_| complete) {
         let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
         let cache = match cache.as_mut() {
             Some(c) if c.sources == sources && c.users.len() < CACHE_USERS => c,
@@ -76,7 +77,9 @@ pub fn lookup(name: &str) -> Result<User, UserError> {
     Ok(user)
 }
 
-fn lookup_uncached(name: &str) -> Result<User, UserError> {
+/// The user, and whether the answer is complete (false when its groups could not be listed:
+/// such an answer is used once, never cached).
+fn lookup_uncached(name: &str) -> Result<(User, bool), UserError> {
     match nix::unistd::User::from_name(name) {
         Ok(Some(entry)) => Ok(from_entry(entry)),
         Ok(None) => Err(UserError::Unknown { name: name.to_owned() }),
@@ -98,17 +101,23 @@ struct Sources {
 }
 
 impl Sources {
-    /// None when caching is off: a file is unreadable (the lookup reports why) or nscd runs.
+    /// None when caching is off: a file is unreadable (the lookup reports why), was changed
+    /// too recently to tell a further change apart, or nscd runs.
     fn now() -> Option<Sources> {
         if Path::new(NSCD_SOCKET).exists() {
             return None;
         }
-        Some(Sources { passwd: Stamp::of(Path::new(PASSWD))?, group: Stamp::of(Path::new(GROUP))? })
+        let now = SystemTime::now();
+        let settled = |path: &str| Stamp::of(Path::new(path)).filter(|stamp| stamp.settled(now));
+        Some(Sources { passwd: settled(PASSWD)?, group: settled(GROUP)? })
     }
 }
 
 /// A file's identity and version as `stat` shows them. Editing tools replace the file (new
-/// inode); an in-place edit changes its times, and nearly always its size.
+/// inode, though a freed inode number may come back); an in-place edit changes its times. File
+/// times tick coarsely (a jiffy), so a second change within the same tick, to the same size, on
+/// a recycled inode could leave the stamp equal: like git's "racy" index entries, a file changed
+/// less than [`SETTLE`] ago is not trusted (nothing is cached until it has settled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
     dev: u64,
@@ -118,7 +127,21 @@ struct Stamp {
     ctime: (i64, i64),
 }
 
+/// How old a file's last change must be before its stamp identifies its content.
+const SETTLE: Duration = Duration::from_secs(1);
+
 impl Stamp {
+    /// Whether the last change is at least [`SETTLE`] old (a change in the future never is).
+    fn settled(&self, now: SystemTime) -> bool {
+        let changed = |(secs, nanos): (i64, i64)| {
+            let secs = u64::try_from(secs).ok()?;
+            UNIX_EPOCH.checked_add(Duration::new(secs, u32::try_from(nanos).ok()?))
+        };
+        [self.mtime, self.ctime]
+            .into_iter()
+            .all(|t| changed(t).and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age >= SETTLE))
+    }
+
     fn of(path: &Path) -> Option<Stamp> {
         let m = std::fs::metadata(path).ok()?;
         Some(Stamp {
@@ -135,27 +158,24 @@ impl Stamp {
 pub fn current() -> Result<User, UserError> {
     let uid = Uid::effective();
     match nix::unistd::User::from_uid(uid) {
-        Ok(Some(entry)) => Ok(from_entry(entry)),
+        Ok(Some(entry)) => Ok(from_entry(entry).0),
         Ok(None) => Err(UserError::Unknown { name: uid.to_string() }),
         Err(errno) => Err(UserError::Lookup { name: uid.to_string(), source: errno.into() }),
     }
 }
 
-fn from_entry(entry: nix::unistd::User) -> User {
+/// The user, and whether its groups were listed completely (see [`supplementary_groups`]).
+fn from_entry(entry: nix::unistd::User) -> (User, bool) {
     let gid = entry.gid.as_raw();
-    User {
-        groups: supplementary_groups(&entry.name, gid),
-        uid: entry.uid.as_raw(),
-        gid,
-        home: entry.dir,
-        shell: entry.shell,
-        name: entry.name,
-    }
+    let (groups, complete) = supplementary_groups(&entry.name, gid);
+    let user = User { groups, uid: entry.uid.as_raw(), gid, home: entry.dir, shell: entry.shell, name: entry.name };
+    (user, complete)
 }
 
 /// Primary gid first, then the groups that list the user, without duplicates. A failing group
-/// lookup is logged and leaves just the primary group, like envd (the user still works).
-fn supplementary_groups(name: &str, primary: u32) -> Vec<u32> {
+/// lookup is logged and leaves just the primary group, like envd (the user still works); the
+/// flag says whether the list is complete.
+fn supplementary_groups(name: &str, primary: u32) -> (Vec<u32>, bool) {
     let mut groups = vec![primary];
     let listed = CString::new(name)
         .map_err(io::Error::from)
@@ -167,12 +187,13 @@ fn supplementary_groups(name: &str, primary: u32) -> Vec<u32> {
                     groups.push(gid);
                 }
             }
+            (groups, true)
         }
         Err(error) => {
             tracing::warn!(user = name, %error, "supplementary group lookup failed; using the primary group only");
+            (groups, false)
         }
     }
-    groups
 }
 
 #[cfg(test)]
@@ -215,6 +236,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stamp_is_trusted_only_once_the_file_has_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("group");
+        std::fs::write(&path, "g:x:1:\n").unwrap();
+        let stamp = Stamp::of(&path).unwrap();
+        let now = SystemTime::now();
+        assert!(!stamp.settled(now), "just written: a same-tick change could hide behind it");
+        assert!(stamp.settled(now + SETTLE), "a second later it identifies the content");
+        assert!(!stamp.settled(now - Duration::from_secs(60)), "a change in the future is never settled");
+    }
+
+    #[test]
     fn cached_lookups_see_users_and_groups_change() {
         if !Uid::effective().is_root() {
             eprintln!("skipping cached_lookups_see_users_and_groups_change: needs root (useradd)");
@@ -237,6 +270,10 @@ mod tests {
         assert!(matches!(lookup(&name), Err(UserError::Unknown { .. })));
         run(&["useradd", "-M", &name]);
         let before = lookup(&name).expect("a user added after guestd started is found");
+        // Once the files have settled the answer is cached; a change must still be seen.
+        std::thread::sleep(SETTLE);
+        assert!(Path::new(NSCD_SOCKET).exists() || Sources::now().is_some(), "settled files: caching is on");
+        assert_eq!(lookup(&name).unwrap(), before);
         assert_eq!(lookup(&name).unwrap(), before, "second lookup: the cached user");
         run(&["groupadd", &group]);
         run(&["usermod", "-aG", &group, &name]);

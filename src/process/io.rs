@@ -57,6 +57,9 @@ pub(super) async fn pump(
             buf.reserve(READ_ALLOC);
         }
         let read = if drain.is_cancelled() {
+            // Nothing below waits while draining: yield when the task's budget is spent, so the
+            // supervisor's grace timer can end a drain that an escaped writer keeps feeding.
+            tokio::task::consume_budget().await;
             src.try_read_buf(&mut buf, READ_CHUNK)
         } else {
             tokio::select! {

@@ -30,12 +30,14 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use nix::sys::signal::Signal as NixSignal;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -583,10 +585,17 @@ async fn supervise(
     inner: Arc<Inner>,
     proc: Arc<Proc>,
     exit: Exit,
-    pumps: impl Future<Output = Vec<()>>,
+    pumps: impl Future<Output = Vec<()>> + Send,
     drain: CancellationToken,
 ) {
-    let mut pumps = pin!(pumps);
+    // A pump that panicked (a bug) must not take the End event down with it: the subscribers
+    // and shutdown wait for End. It is logged and counts as finished.
+    let pid = proc.pid;
+    let mut pumps = pin!(AssertUnwindSafe(pumps).catch_unwind().map(move |done| {
+        if done.is_err() {
+            tracing::error!(pid, "an output pump panicked; the output may be incomplete");
+        }
+    }));
     let mut exit = pin!(exit.wait());
     let mut pumps_done = false;
     let outcome = loop {

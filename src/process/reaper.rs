@@ -6,7 +6,7 @@
 //! pid and hands each status to that process's oneshot channel (which works across runtimes).
 //!
 //! The fast path: [`Exit::wait`] also watches a pidfd of the child in the caller's event loop and,
-//! when it turns readable, collects that one child itself ([`collect`], the same `waitpid` under
+//! when it turns readable, collects that one child itself ([`collect_one`], the same `waitpid` under
 //! the same lock). The exit then reaches the waiting task in the `epoll_wait` that also reports
 //! the child's pipes closing, instead of after a signal handler, a wake-up of the reaper thread
 //! and a wake-up back (two thread hops on every command's round trip). Whichever of the two
@@ -59,15 +59,16 @@ pub struct Exit {
 
 impl Exit {
     /// Resolves once the child has been reaped, by this task (pidfd) or by the reaper thread.
+    /// Must run inside a tokio runtime with I/O enabled (the pidfd joins its reactor).
     pub async fn wait(mut self) -> Outcome {
         if let Some(pidfd) = self.pidfd.take() {
             tokio::select! {
                 biased;
                 outcome = &mut self.reaped => return outcome.unwrap_or(Outcome::Lost),
-                // An error (no reactor to register with) leaves the report to the reaper thread.
-                exited = wait::exited(pidfd) => {
+                // If the pidfd cannot be watched (epoll_ctl failed), the reaper thread reports.
+                exited = wait::pidfd_exited(pidfd) => {
                     if exited.is_ok() {
-                        collect(self.pid);
+                        collect_one(self.pid);
                     }
                 }
             }
@@ -149,14 +150,20 @@ pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, Exit)>
 
 /// Collects `pid` if it has ended and is still registered (a registered pid is unreaped, so it
 /// cannot have been recycled), and sends its outcome to its [`Exit`].
-fn collect(pid: i32) {
+fn collect_one(pid: i32) {
     let mut table = table();
     if !table.contains_key(&pid) {
         return; // the reaper thread was first
     }
-    if let Some(outcome) = try_collect(pid)
-        && let Some(tx) = table.remove(&pid)
-    {
+    if let Some(outcome) = try_collect(pid) {
+        report(&mut table, pid, outcome);
+    }
+}
+
+/// Unregisters `pid` and hands its outcome to its [`Exit`]. The receiver is gone only if its
+/// runtime shut down; the child is reaped anyway.
+fn report(table: &mut HashMap<i32, oneshot::Sender<Outcome>>, pid: i32, outcome: Outcome) {
+    if let Some(tx) = table.remove(&pid) {
         let _ = tx.send(outcome);
     }
 }
@@ -213,10 +220,7 @@ fn reap() {
     let ended: Vec<(i32, Outcome)> =
         table.keys().filter_map(|&pid| try_collect(pid).map(|outcome| (pid, outcome))).collect();
     for (pid, outcome) in ended {
-        if let Some(tx) = table.remove(&pid) {
-            // The receiver is gone only if its runtime shut down; the child is reaped anyway.
-            let _ = tx.send(outcome);
-        }
+        report(&mut table, pid, outcome);
     }
 }
 

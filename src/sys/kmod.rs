@@ -16,13 +16,19 @@ pub enum Loaded {
     Already,
 }
 
-/// Loads the module in `path` with no parameters.
+/// Loads the module in `path` (an uncompressed `.ko`; unpack a `.ko.xz` first) with no
+/// parameters. Errors say whether the file or the kernel refused.
 pub fn load(path: &Path) -> io::Result<Loaded> {
-    let file = File::open(path)?;
+    let file = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("cannot open the file: {e}")))?;
     match finit_module(&file, c"", ModuleInitFlags::empty()) {
         Ok(()) => Ok(Loaded::Now),
         Err(Errno::EEXIST) => Ok(Loaded::Already),
-        Err(errno) => Err(errno.into()),
+        // The kernel says ENOENT when a symbol the module needs is not loaded.
+        Err(Errno::ENOENT) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the kernel refused it: a symbol it needs is missing (load the modules it depends on first)",
+        )),
+        Err(errno) => Err(io::Error::new(io::Error::from(errno).kind(), format!("the kernel refused it: {errno}"))),
     }
 }
 
@@ -46,5 +52,6 @@ mod tests {
     fn a_missing_file_names_the_cause() {
         let err = load(Path::new("/nonexistent/guestd/vsock.ko")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().starts_with("cannot open the file: "), "{err}");
     }
 }

@@ -81,8 +81,9 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// Resolves once the process behind `pidfd` has exited (the descriptor turns readable in the
-/// current runtime's reactor). Must be called from within a tokio runtime with I/O enabled.
-pub async fn exited(pidfd: OwnedFd) -> io::Result<()> {
+/// current runtime's reactor). Panics outside a tokio runtime with I/O enabled; fails only if
+/// the reactor cannot watch the descriptor.
+pub async fn pidfd_exited(pidfd: OwnedFd) -> io::Result<()> {
     // SAFETY: `pidfd` moves into the AsyncFd, so the descriptor stays open and names the same
     // pidfd until the AsyncFd (and with it the registration) is dropped.
     let fd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
