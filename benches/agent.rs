@@ -737,7 +737,12 @@ impl Read for Body<'_> {
 // gRPC
 
 async fn grpc_client(addr: SocketAddr) -> Result<ProcessClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    // The frame size guestd's own client library asks for (see `MAX_FRAME_SIZE`).
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .max_frame_size(guestd::client::MAX_FRAME_SIZE)
+        .connect()
+        .await?;
     Ok(ProcessClient::new(channel))
 }
 

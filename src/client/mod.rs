@@ -171,6 +171,14 @@ pub struct Client {
     credentials: Credentials,
 }
 
+/// The largest HTTP/2 frame guestd may send us. h2's default, 16 KiB, splits every output
+/// message (up to 128 KiB) into eight frames, each its own write on guestd's side; 256 KiB lets a
+/// message go as one frame (measured on a 1 GiB stdout stream: 1.41–1.52 instead of
+/// 1.06–1.07 GB/s, the agent's CPU down from 0.82–0.84 to 0.59–0.63 s),
+/// while a frame still takes well under a millisecond to write, so other streams on the
+/// connection are not held up.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
 impl Client {
     /// Dials `addr` (retrying per `options.connect`) and sets up the HTTP/2 channel on that
     /// stream. Errors are typed: unreachable, refused, handshake rejected, never answered.
@@ -181,7 +189,8 @@ impl Client {
         let stream = connector.dial().await?;
         connector.prime(stream);
         let endpoint = Endpoint::from_shared(format!("http://{}", connector.addr().authority()))
-            .map_err(|source| ClientError::Channel { addr: connector.addr().clone(), source })?;
+            .map_err(|source| ClientError::Channel { addr: connector.addr().clone(), source })?
+            .max_frame_size(MAX_FRAME_SIZE);
         let channel = endpoint
             .connect_with_connector(connector.clone())
             .await
