@@ -17,31 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
 from helpers import GUESTD_PORT, docker, docker_cli, sandbox_for  # noqa: E402
+from testkit import free_port  # noqa: E402
 
 RUN = os.environ.get("GUESTD_CONTAINER_RUN", f"bench-{os.getpid()}")
 START_DEADLINE_S = 30.0
-
-
-def free_port() -> int:
-    """A free loopback port below the ephemeral range, so it can be chosen before `docker run`
-    (as an orchestrator does) instead of asking `docker port` afterwards."""
-    for port in random.sample(range(20000, 32000), 500):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def run_container(image: str, port: int) -> str:

@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import httpx
+from testkit import wait_until  # noqa: F401  (the tests import it from here)
 
 # The port guestd listens on inside every image (packaging/docker/*/Dockerfile).
 GUESTD_PORT = 49983
@@ -31,16 +32,6 @@ def docker(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Co
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr.strip()}")
     return res
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def health(port: int) -> Optional[int]:

@@ -19,9 +19,7 @@ import grp
 import http.client
 import os
 import pwd
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +30,12 @@ from typing import IO, Optional, Sequence
 import pytest
 
 from helpers import MARK, RUN_ID, Proc, descendants, marked_procs, still_alive
+from testkit import free_port
 
 # Set in guestd's own environment; a child must never see it (children get an explicit env).
 LEAK_VAR = "GUESTD_SDK_AGENT_ONLY"
 
 # Ports below the ephemeral range; a TCP poll on an ephemeral port can connect to itself.
-PORT_RANGE = (20000, 32000)
 STARTUP_TIMEOUT_S = 20.0
 SHUTDOWN_GRACE_S = 15.0
 
@@ -63,19 +61,6 @@ class Guestd:
                 return "".join(f.readlines()[-lines:])
         except OSError as e:
             return f"<no log: {e}>"
-
-
-def _free_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 def _die_with_parent() -> None:
@@ -132,7 +117,7 @@ def launch_guestd(
     if not os.access(binary, os.X_OK):
         pytest.fail(f"GUESTD_BIN={binary} is not an executable file", pytrace=False)
 
-    port = _free_port()
+    port = free_port()
     log_dir = _log_dir()
     suffix = "" if name == "guestd" else f"-{name}-{port}"
     log_path = os.path.join(log_dir, f"guestd-{RUN_ID}{suffix}.log")

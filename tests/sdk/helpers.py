@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from connectrpc.codec import proto_binary_codec, proto_json_codec
 from e2b.envd.process import process_connect, process_pb
 from protobuf import Oneof
 from pyqwest import HTTPVersion, SyncClient, SyncHTTPTransport
+from testkit import wait_until  # noqa: F401  (the tests import it from here)
 
 RUN_ID = uuid.uuid4().hex[:10]
 # argv[0] prefix of every long-lived process the tests start; unique per pytest run.
@@ -93,16 +94,6 @@ def marked_procs(marker: str = MARK) -> list[Proc]:
 def still_alive(p: Proc) -> bool:
     now = read_proc(p.pid)
     return now is not None and now.starttime == p.starttime and now.running
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def wait_gone(marker: str, timeout: float = 5.0) -> list[Proc]:
