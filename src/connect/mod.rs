@@ -38,7 +38,6 @@
 //! // per connection: auto::Builder (http1 + http2 timers set) with TowerToHyperService::new(svc.clone())
 //! ```
 
-mod base64_fast;
 mod codec;
 mod compression;
 pub mod deadline;
