@@ -34,6 +34,11 @@ fn main() -> anyhow::Result<()> {
     // PID 1 mounts and adopts orphans before anything can spawn.
     let pid1 = guestd::pid1::is_pid1().then(|| std::sync::Arc::new(guestd::pid1::setup()));
     load_kernel_modules(&modules);
+    match guestd::sys::limits::raise_nofile() {
+        Ok(Some((from, to))) => tracing::info!(from, to, "raised the open-file limit; children get the original back"),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let served = runtime.block_on(async {
         let server = guestd::server::Server::bind(&config).await?;

@@ -81,7 +81,12 @@ pub(super) fn launch(path_env: &str, spec: &StartSpec) -> Result<Launched, Proce
     let credentials =
         needs_switch(user).then(|| Credentials { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
     let cwd_c = CString::new(cwd.as_os_str().as_bytes()).map_err(|e| spawn_error(e.into()))?;
-    let setup = ChildSetup { controlling_tty: spec.pty.is_some(), credentials, cwd: cwd_c };
+    let setup = ChildSetup {
+        controlling_tty: spec.pty.is_some(),
+        credentials,
+        cwd: cwd_c,
+        nofile: crate::sys::limits::child_nofile(),
+    };
     let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
     let (pid, exit) = reaper::spawn(|| sys_spawn::spawn(&exec, stdio, &setup)).map_err(spawn_error)?;
     Ok(Launched { pid, exit, io })

@@ -4,7 +4,8 @@
 //! signature: the vfork-style spawn and the child's steps up to `exec` ([`spawn`]), the global
 //! allocator ([`alloc`]), non-blocking file descriptors registered with the tokio reactor
 //! ([`fd`]), PTY allocation and window sizes ([`pty`]), `waitpid` with the raw status
-//! decoded and pidfds ([`wait`]), and kernel module loading ([`kmod`]). Nothing in here knows about
+//! decoded and pidfds ([`wait`]), kernel module loading ([`kmod`]) and the
+//! open-file limit ([`limits`]). Nothing in here knows about
 //! processes as guestd sees them (tags, subscribers, retention): that lives in `process`.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
@@ -16,6 +17,7 @@ pub mod entropy;
 pub mod fd;
 pub mod init;
 pub mod kmod;
+pub mod limits;
 pub mod pty;
 pub mod spawn;
 pub mod wait;

@@ -54,6 +54,8 @@ pub struct ChildSetup {
     /// `None`: keep guestd's identity (guestd is not root and the user is guestd's own).
     pub credentials: Option<Credentials>,
     pub cwd: CString,
+    /// `RLIMIT_NOFILE` (soft, hard) to set in the child; None: inherit guestd's.
+    pub nofile: Option<[u64; 2]>,
 }
 
 /// The program image: an absolute (or cwd-relative) path, argv (argv[0] included) and the
@@ -75,6 +77,7 @@ pub enum Step {
     Setgid,
     Setuid,
     Chdir,
+    OpenFileLimit,
     Exec,
 }
 
@@ -88,6 +91,7 @@ impl fmt::Display for Step {
             Step::Setgid => "setgid",
             Step::Setuid => "setuid",
             Step::Chdir => "chdir to the working directory",
+            Step::OpenFileLimit => "restoring the open-file limit",
             Step::Exec => "execve",
         })
     }
@@ -116,6 +120,7 @@ struct ChildArgs {
     /// (uid, gid, groups pointer, group count)
     credentials: Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>,
     cwd: *const libc::c_char,
+    nofile: Option<[u64; 2]>,
     report: *mut Report,
 }
 
@@ -208,6 +213,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         controlling_tty: setup.controlling_tty,
         credentials: setup.credentials.as_ref().map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
         cwd: setup.cwd.as_ptr(),
+        nofile: setup.nofile,
         report: &mut report,
     };
     let mut stacks = CHILD_STACKS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -361,6 +367,11 @@ unsafe fn child_steps(a: &ChildArgs) -> Result<std::convert::Infallible, (Step, 
             raw(SYS_setuid, uid as usize, 0, 0, 0).map_err(|e| (Step::Setuid, e))?;
         }
         raw(SYS_chdir, a.cwd as usize, 0, 0, 0).map_err(|e| (Step::Chdir, e))?;
+        if let Some(limit) = &a.nofile {
+            // `struct rlimit64` is two u64s; pid 0 is this process.
+            let limit = limit as *const [u64; 2] as usize;
+            raw(SYS_prlimit64, 0, RLIMIT_NOFILE as usize, limit, 0).map_err(|e| (Step::OpenFileLimit, e))?;
+        }
         let default = KernelSigaction { handler: SIG_DFL, flags: 0, restorer: 0, mask: 0 };
         for signal in 1..=64 {
             if signal != SIGKILL && signal != SIGSTOP {
@@ -387,7 +398,7 @@ mod tests {
     }
 
     fn setup(cwd: &str) -> ChildSetup {
-        ChildSetup { controlling_tty: false, credentials: None, cwd: CString::new(cwd).unwrap() }
+        ChildSetup { controlling_tty: false, credentials: None, cwd: CString::new(cwd).unwrap(), nofile: None }
     }
 
     /// Spawns with stdout and stderr on one pipe; returns what the child wrote and its status.
@@ -454,6 +465,16 @@ mod tests {
         std::fs::File::from(read).read_to_string(&mut out).unwrap();
         nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
         assert_eq!(out, "moved\n");
+    }
+
+    /// The open-file limit guestd raised for itself goes back to what the child should see.
+    #[test]
+    fn the_child_gets_the_given_open_file_limit() {
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let soft = hard.min(256);
+        let setup = ChildSetup { nofile: Some([soft, hard]), ..setup("/") };
+        let (out, code) = run(&exec(&["/bin/sh", "-c", "ulimit -Sn"]), &setup).unwrap();
+        assert_eq!((out.trim(), code), (soft.to_string().as_str(), 0));
     }
 
     #[test]

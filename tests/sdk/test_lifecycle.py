@@ -16,6 +16,7 @@ machine's clock.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import threading
 import time
@@ -134,6 +135,23 @@ class Collected:
 
 # ---------------------------------------------------------------------------------------------
 # /init: env vars, default user and workdir
+
+
+def test_guestd_raises_its_open_file_limit_and_commands_get_the_original(spawn_guestd, sdk_env):
+    """A busy sandbox holds thousands of guestd's descriptors (four per command): guestd raises
+    its own soft RLIMIT_NOFILE to the hard limit, as Go's runtime does for envd, and every command
+    gets back the limit guestd was started with (select(2)-based programs break above 1024)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft = 512
+    if hard != resource.RLIM_INFINITY and hard <= soft:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise")
+    g = spawn_guestd(wrapper=["sh", "-c", f'ulimit -Sn {soft} && exec "$@"', "sh"])
+    with open(f"/proc/{g.pid}/limits") as f:
+        line = next(l for l in f if l.startswith("Max open files"))
+    assert int(line.split()[3]) > soft, f"guestd kept its soft limit: {line}"
+    sbx = sdk_sandbox(g.url)
+    assert sbx.commands.run("ulimit -Sn").stdout.strip() == str(soft)
+    assert sbx.commands.run("ulimit -Sn", background=True).wait().stdout.strip() == str(soft)
 
 
 def test_init_env_vars_reach_commands(spawn_guestd, sdk_env):
