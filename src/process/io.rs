@@ -1,10 +1,10 @@
 //! Moving bytes between a child and guestd: the output pumps (pipe or PTY master -> output log)
 //! and the input side (guestd -> stdin pipe or PTY master).
 //!
-//! Each output stream has one pump task. It asks the log for space *before* reading, so when the
-//! subscribers are slow the data stays in the kernel pipe and the child blocks in `write`, which
-//! is the backpressure a pipe gives any program. Reads go into a shared `BytesMut` and become
-//! zero-copy `Bytes` chunks.
+//! Each output stream has one pump (a future the process's supervising task drives). It asks the
+//! log for space *before* reading, so when the subscribers are slow the data stays in the kernel
+//! pipe and the child blocks in `write`, which is the backpressure a pipe gives any program.
+//! Reads go into a shared `BytesMut` and become zero-copy `Bytes` chunks.
 
 use std::io;
 use std::os::fd::AsFd;
