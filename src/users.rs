@@ -196,6 +196,54 @@ fn supplementary_groups(name: &str, primary: u32) -> (Vec<u32>, bool) {
     }
 }
 
+/// System users for tests that need root, made and removed with the system's own tools.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A throwaway user `gd-TAG-PID` with an extra group `gd-TAG-PID-g`; both removed on drop.
+    pub(crate) struct TempUser {
+        pub name: String,
+        pub group: String,
+    }
+
+    impl TempUser {
+        /// The name [`TempUser::create`] gives the user tagged `tag`.
+        pub(crate) fn name_for(tag: &str) -> String {
+            format!("gd-{tag}-{}", std::process::id())
+        }
+
+        /// Creates the group and the user (no home directory); `member`: the user is in the
+        /// group from the start, else it joins later with [`TempUser::join_group`].
+        pub(crate) fn create(tag: &str, member: bool) -> Self {
+            let name = Self::name_for(tag);
+            let group = format!("{name}-g");
+            run(&["groupadd", &group]);
+            let user = TempUser { name, group };
+            if member {
+                run(&["useradd", "-M", "-G", &user.group, &user.name]);
+            } else {
+                run(&["useradd", "-M", &user.name]);
+            }
+            user
+        }
+
+        pub(crate) fn join_group(&self) {
+            run(&["usermod", "-aG", &self.group, &self.name]);
+        }
+    }
+
+    impl Drop for TempUser {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel").arg(&self.name).status();
+            let _ = std::process::Command::new("groupdel").arg(&self.group).status();
+        }
+    }
+
+    fn run(args: &[&str]) {
+        let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run user admin tool");
+        assert!(status.success(), "{args:?} failed (tests need root)");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,34 +301,24 @@ mod tests {
             eprintln!("skipping cached_lookups_see_users_and_groups_change: needs root (useradd)");
             return;
         }
-        struct Cleanup(String);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("userdel").arg(&self.0).status();
-                let _ = std::process::Command::new("groupdel").arg(format!("{}-g", self.0)).status();
-            }
-        }
-        let name = format!("gd-cache-{}", std::process::id());
-        let group = format!("{name}-g");
-        let cleanup = Cleanup(name.clone());
-        let run = |args: &[&str]| {
-            let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect("user admin tool");
-            assert!(status.success(), "{args:?}");
-        };
+        let name = testing::TempUser::name_for("cache");
         assert!(matches!(lookup(&name), Err(UserError::Unknown { .. })));
-        run(&["useradd", "-M", &name]);
+        let temp = testing::TempUser::create("cache", false);
         let before = lookup(&name).expect("a user added after guestd started is found");
-        // Once the files have settled the answer is cached; a change must still be seen.
-        std::thread::sleep(SETTLE);
-        assert!(Path::new(NSCD_SOCKET).exists() || Sources::now().is_some(), "settled files: caching is on");
+        // Once the files have settled the answer is cached; a change must still be seen. (Other
+        // tests running meanwhile may add users too: wait, boundedly, until nothing changes.)
+        let settled = (0..10).any(|_| {
+            std::thread::sleep(SETTLE);
+            Path::new(NSCD_SOCKET).exists() || Sources::now().is_some()
+        });
+        assert!(settled, "settled files: caching is on");
         assert_eq!(lookup(&name).unwrap(), before);
         assert_eq!(lookup(&name).unwrap(), before, "second lookup: the cached user");
-        run(&["groupadd", &group]);
-        run(&["usermod", "-aG", &group, &name]);
-        let gid = nix::unistd::Group::from_name(&group).unwrap().unwrap().gid.as_raw();
+        temp.join_group();
+        let gid = nix::unistd::Group::from_name(&temp.group).unwrap().unwrap().gid.as_raw();
         let after = lookup(&name).unwrap();
         assert!(after.groups.contains(&gid), "a group joined later is seen: {after:?}");
-        drop(cleanup);
+        drop(temp);
         assert!(matches!(lookup(&name), Err(UserError::Unknown { .. })), "a removed user is gone");
     }
 

@@ -431,39 +431,12 @@ async fn runs_as_the_requested_user_as_root() {
     assert_eq!(out.stdout(), format!("{}\n{}\n{} nobody\n/tmp\n", nobody.uid, nobody.gid, nobody.home.display()));
 }
 
-/// A throwaway user in an extra group, removed on drop.
-struct TempUser {
-    name: String,
-    group: String,
-}
-
-impl TempUser {
-    fn create(tag: &str) -> Self {
-        let name = format!("gd-{tag}-{}", std::process::id());
-        let group = format!("{name}-g");
-        let run = |args: &[&str]| {
-            let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run user admin tool");
-            assert!(status.success(), "{args:?} failed (tests need root)");
-        };
-        run(&["groupadd", &group]);
-        run(&["useradd", "-M", "-G", &group, &name]);
-        TempUser { name, group }
-    }
-}
-
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("userdel").arg(&self.name).status();
-        let _ = std::process::Command::new("groupdel").arg(&self.group).status();
-    }
-}
-
 #[tokio::test]
 async fn supplementary_groups_are_kept_as_root() {
     if !running_as_root("supplementary_groups_are_kept_as_root") {
         return;
     }
-    let temp = TempUser::create("grp");
+    let temp = crate::users::testing::TempUser::create("grp", true);
     let user = crate::users::lookup(&temp.name).unwrap();
     let extra = nix::unistd::Group::from_name(&temp.group).unwrap().unwrap().gid.as_raw();
     assert_eq!(user.groups.first(), Some(&user.gid));
