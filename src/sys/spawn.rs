@@ -45,9 +45,11 @@ pub struct Credentials {
 ///    memory pressure (done while still privileged: lowering needs CAP_SYS_RESOURCE);
 /// 5. `setgroups` -> `setgid` -> `setuid` (in that order: after setuid the others fail);
 /// 6. `chdir(cwd)`, after the switch, so the user's own permissions decide;
-/// 7. default dispositions for every signal and an empty signal mask (std's children get the
+/// 7. with `nofile`, `prlimit64(RLIMIT_NOFILE)`: the open-file limit guestd was started with
+///    (it raises its own, `sys::limits`);
+/// 8. default dispositions for every signal and an empty signal mask (std's children get the
 ///    same: guestd ignores SIGPIPE, which would otherwise be inherited);
-/// 8. `execve`.
+/// 9. `execve`.
 #[derive(Debug)]
 pub struct ChildSetup {
     pub controlling_tty: bool,
