@@ -31,21 +31,8 @@ GUESTD_BIN="$bin" cargo bench --locked --bench agent -- "${quick[@]}"
 
 step "connect_bench.py (the E2B envd reference script) against a fresh guestd"
 shared="$(cd .. && pwd)/shared"
-# A free loopback port below the kernel's ephemeral range (32768-60999).
-port=$(python3 - <<'EOF'
-import random, socket
-for port in random.sample(range(20000, 32768), 12768):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(port)
-    break
-EOF
-)
+# A free loopback port below the kernel's ephemeral range (the test tiers' helper).
+port=$(python3 -c 'import sys; sys.path.insert(0, "tests/common"); from testkit import free_port; print(free_port())')
 log=$(mktemp)
 "$bin" --listen "127.0.0.1:$port" 2>"$log" &
 pid=$!
