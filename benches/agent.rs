@@ -109,29 +109,39 @@ fn main() -> Result<()> {
     let rss_after_round_trips = agent.status_kb("VmRSS")?;
 
     let bytes = plan.throughput_bytes;
-    eprintln!("throughput: {} MiB through a local pipe", bytes >> 20);
-    let pipe_s = pipe_throughput(bytes)?;
     let head_cmd = Cmd::new("/usr/bin/head", &["-c", &bytes.to_string(), "/dev/zero"]);
-    let mut tp_rows = Vec::new();
-    for transport in Transport::ALL {
-        eprintln!("throughput: {} MiB over {transport}", bytes >> 20);
-        let cpu0 = agent.cpu_seconds()?;
-        let client_cpu0 = cpu_seconds("/proc/self/stat")?;
-        let t0 = Instant::now();
-        let out = match transport {
-            Transport::ConnectJson => connect_start(&mut http, Codec::Json, &head_cmd, &mut scratch)?,
-            Transport::ConnectProto => connect_start(&mut http, Codec::Proto, &head_cmd, &mut scratch)?,
-            Transport::Grpc => rt.block_on(grpc_start(&mut grpc, &head_cmd))?,
-        };
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu = agent.cpu_seconds()? - cpu0;
-        let client_cpu = cpu_seconds("/proc/self/stat")? - client_cpu0;
-        ensure!(out.exit_code == 0, "{transport}: head exited with {}", out.exit_code);
-        ensure!(out.stderr == 0, "{transport}: {} unexpected stderr bytes", out.stderr);
-        ensure!(out.stdout == bytes, "{transport}: decoded {} stdout bytes, expected {bytes}", out.stdout);
-        let rss = agent.status_kb("VmRSS")?;
-        tp_rows.push(TpRow { transport, secs, cpu, client_cpu, messages: out.messages, rss_after: rss });
+    let mut pipe_s = Vec::new();
+    let mut relay_s = Vec::new();
+    let mut tp_samples: Vec<(Transport, Vec<TpSample>)> = Transport::ALL.iter().map(|&t| (t, Vec::new())).collect();
+    // Rounds interleave the baselines and the transports, so a change in the shared host's speed
+    // moves all of them together; each row reports its median round.
+    for round in 1..=plan.throughput_rounds {
+        eprintln!("throughput, round {round}/{}: {} MiB through a local pipe", plan.throughput_rounds, bytes >> 20);
+        pipe_s.push(pipe_throughput(bytes)?);
+        eprintln!("throughput, round {round}: {} MiB through a pipe and a loopback TCP relay", bytes >> 20);
+        relay_s.push(relay_throughput(bytes)?);
+        for (transport, samples) in &mut tp_samples {
+            let transport = *transport;
+            eprintln!("throughput, round {round}: {} MiB over {transport}", bytes >> 20);
+            let cpu0 = agent.cpu_seconds()?;
+            let client_cpu0 = cpu_seconds("/proc/self/stat")?;
+            let t0 = Instant::now();
+            let out = match transport {
+                Transport::ConnectJson => connect_start(&mut http, Codec::Json, &head_cmd, &mut scratch)?,
+                Transport::ConnectProto => connect_start(&mut http, Codec::Proto, &head_cmd, &mut scratch)?,
+                Transport::Grpc => rt.block_on(grpc_start(&mut grpc, &head_cmd))?,
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = agent.cpu_seconds()? - cpu0;
+            let client_cpu = cpu_seconds("/proc/self/stat")? - client_cpu0;
+            ensure!(out.exit_code == 0, "{transport}: head exited with {}", out.exit_code);
+            ensure!(out.stderr == 0, "{transport}: {} unexpected stderr bytes", out.stderr);
+            ensure!(out.stdout == bytes, "{transport}: decoded {} stdout bytes, expected {bytes}", out.stdout);
+            let rss_after = agent.status_kb("VmRSS")?;
+            samples.push(TpSample { secs, cpu, client_cpu, messages: out.messages, rss_after });
+        }
     }
+    let tp_rows = tp_samples.into_iter().map(|(transport, samples)| TpRow::median(transport, samples)).collect();
     drop(http);
     drop(grpc);
     std::thread::sleep(IDLE_AFTER_LOAD);
@@ -147,7 +157,8 @@ fn main() -> Result<()> {
         raw,
         rt_rows,
         commands_run,
-        pipe_s,
+        pipe_s: median(&pipe_s),
+        relay_s: median(&relay_s),
         tp_rows,
         rss_idle_start,
         rss_after_round_trips,
@@ -166,6 +177,8 @@ struct Plan {
     quick: bool,
     round_trips: usize,
     throughput_bytes: u64,
+    /// Rounds of the throughput phase (every baseline and transport once per round).
+    throughput_rounds: usize,
 }
 
 impl Plan {
@@ -174,9 +187,9 @@ impl Plan {
     fn from_args(mut args: impl Iterator<Item = String>) -> Plan {
         let quick = args.any(|a| a == "--quick");
         if quick {
-            Plan { quick, round_trips: 100, throughput_bytes: 128 << 20 }
+            Plan { quick, round_trips: 100, throughput_bytes: 128 << 20, throughput_rounds: 1 }
         } else {
-            Plan { quick, round_trips: 1000, throughput_bytes: 1 << 30 }
+            Plan { quick, round_trips: 1000, throughput_bytes: 1 << 30, throughput_rounds: 3 }
         }
     }
 }
@@ -405,6 +418,52 @@ fn pipe_throughput(bytes: u64) -> Result<f64> {
         Command::new("/bin/sh").arg("-c").arg(format!("head -c {bytes} /dev/zero | cat > /dev/null")).status()?;
     let secs = t0.elapsed().as_secs_f64();
     ensure!(status.success(), "local pipe: {status}");
+    Ok(secs)
+}
+
+/// Read size of the relay baseline: guestd's largest output read.
+const RELAY_READ: usize = guestd::process::READ_CHUNK;
+
+/// The same bytes through a pipe *and a loopback TCP connection*, with no agent: a thread reads
+/// `head`'s stdout (grown to guestd's pipe size) and writes every read to a socket; this thread
+/// reads the socket and discards. That is the kernel's share of any agent's stream on this
+/// machine — pipe read, TCP send, TCP receive — so an agent's figure is read against it.
+fn relay_throughput(bytes: u64) -> Result<f64> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let t0 = Instant::now();
+    let mut head = Command::new("/usr/bin/head")
+        .args(["-c", &bytes.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning head for the relay baseline")?;
+    let mut output = head.stdout.take().context("head's stdout")?;
+    nix::fcntl::fcntl(&output, nix::fcntl::FcntlArg::F_SETPIPE_SZ(guestd::process::PIPE_SIZE as i32))?;
+    let relay = std::thread::spawn(move || -> io::Result<()> {
+        let mut socket = TcpStream::connect(addr)?;
+        socket.set_nodelay(true)?;
+        let mut buf = vec![0; RELAY_READ];
+        loop {
+            match output.read(&mut buf)? {
+                0 => return Ok(()),
+                n => socket.write_all(&buf[..n])?,
+            }
+        }
+    });
+    let (mut conn, _) = listener.accept()?;
+    let mut buf = vec![0; RELAY_READ];
+    let mut received = 0;
+    loop {
+        match conn.read(&mut buf)? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    relay.join().map_err(|_| anyhow::anyhow!("the relay thread panicked"))?.context("relaying")?;
+    let status = head.wait()?;
+    ensure!(status.success(), "relay baseline: head {status}");
+    ensure!(received == bytes, "relay baseline: received {received} bytes, expected {bytes}");
     Ok(secs)
 }
 
@@ -759,8 +818,8 @@ async fn grpc_start(client: &mut ProcessClient<Channel>, cmd: &Cmd) -> Result<Ou
 // ---------------------------------------------------------------------------------------------
 // Figures
 
-struct TpRow {
-    transport: Transport,
+/// One transfer of one round.
+struct TpSample {
     secs: f64,
     /// Agent CPU seconds during the transfer.
     cpu: f64,
@@ -768,6 +827,31 @@ struct TpRow {
     client_cpu: f64,
     messages: u64,
     rss_after: u64,
+}
+
+/// A transport's median round, and the agent's RSS after its last one.
+struct TpRow {
+    transport: Transport,
+    median: TpSample,
+    rounds: Vec<f64>,
+    rss_after: u64,
+}
+
+impl TpRow {
+    fn median(transport: Transport, mut samples: Vec<TpSample>) -> TpRow {
+        let rss_after = samples.last().map_or(0, |s| s.rss_after);
+        let rounds = samples.iter().map(|s| s.secs).collect();
+        samples.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+        let median = samples.swap_remove(samples.len() / 2);
+        TpRow { transport, median, rounds, rss_after }
+    }
+}
+
+/// The median of a non-empty list (the upper one of an even count).
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 struct Report {
@@ -778,7 +862,9 @@ struct Report {
     /// Latencies and agent CPU seconds per transport.
     rt_rows: Vec<(Transport, Vec<f64>, f64)>,
     commands_run: usize,
+    /// Median seconds of the two baselines: a local pipe, and a pipe plus a loopback TCP relay.
     pipe_s: f64,
+    relay_s: f64,
     tp_rows: Vec<TpRow>,
     rss_idle_start: u64,
     rss_after_round_trips: u64,
@@ -829,7 +915,12 @@ impl Report {
                 "agent_cpu_us_per_call": round(cpu / lat.len() as f64 * 1e6, 0),
             });
         }
-        let mut tp = json!({ "pipe": { "s": round(self.pipe_s, 3), "MB_per_s": round(pipe, 1) } });
+        let relay = mb_per_s(bytes, self.relay_s);
+        let mut tp = json!({
+            "rounds": self.plan.throughput_rounds,
+            "pipe": { "s": round(self.pipe_s, 3), "MB_per_s": round(pipe, 1) },
+            "relay": { "s": round(self.relay_s, 3), "MB_per_s": round(relay, 1) },
+        });
         let mut rss = json!({
             "idle_start": self.rss_idle_start,
             "after_round_trips": self.rss_after_round_trips,
@@ -837,14 +928,17 @@ impl Report {
             "peak_hwm": self.rss_peak,
         });
         for r in &self.tp_rows {
-            let mbs = mb_per_s(bytes, r.secs);
+            let m = &r.median;
+            let mbs = mb_per_s(bytes, m.secs);
             tp[r.transport.key()] = json!({
-                "s": round(r.secs, 3),
+                "s": round(m.secs, 3),
                 "MB_per_s": round(mbs, 1),
+                "rounds_MB_per_s": r.rounds.iter().map(|&s| round(mb_per_s(bytes, s), 1)).collect::<Vec<_>>(),
                 "x_pipe": round(mbs / pipe, 3),
-                "agent_cpu_s": round(r.cpu, 2),
-                "client_cpu_s": round(r.client_cpu, 2),
-                "messages": r.messages,
+                "x_relay": round(mbs / relay, 3),
+                "agent_cpu_s": round(m.cpu, 2),
+                "client_cpu_s": round(m.client_cpu, 2),
+                "messages": m.messages,
             });
             rss[format!("after_throughput_{}", r.transport.key())] = json!(r.rss_after);
         }
@@ -899,25 +993,53 @@ impl fmt::Display for Report {
                 cpu_us
             )?;
         }
+        let relay = mb_per_s(bytes, self.relay_s);
         writeln!(
             f,
-            "\nstdout throughput, {:>5} MiB          s      MB/s   ×pipe  CPU s agent/client  messages",
-            bytes >> 20
+            "\nstdout throughput, {:>5} MiB, median of {}   s      MB/s   ×pipe  ×relay  CPU s agent/client  messages",
+            bytes >> 20,
+            self.plan.throughput_rounds,
         )?;
-        writeln!(f, "  {:<30} {:>7.3} {:>9.1} {:>7.3}", "local pipe (head | cat)", self.pipe_s, pipe, 1.0)?;
+        writeln!(
+            f,
+            "  {:<38} {:>7.3} {:>9.1} {:>7.3} {:>7.3}",
+            "local pipe (head | cat)",
+            self.pipe_s,
+            pipe,
+            1.0,
+            pipe / relay
+        )?;
+        writeln!(
+            f,
+            "  {:<38} {:>7.3} {:>9.1} {:>7.3} {:>7.3}",
+            "pipe + loopback TCP relay, no agent",
+            self.relay_s,
+            relay,
+            relay / pipe,
+            1.0
+        )?;
         for r in &self.tp_rows {
-            let mbs = mb_per_s(bytes, r.secs);
+            let m = &r.median;
+            let mbs = mb_per_s(bytes, m.secs);
             writeln!(
                 f,
-                "  {:<30} {:>7.3} {:>9.1} {:>7.3} {:>11.2} / {:<5.2} {:>9}",
+                "  {:<38} {:>7.3} {:>9.1} {:>7.3} {:>7.3} {:>11.2} / {:<5.2} {:>9}",
                 r.transport.to_string(),
-                r.secs,
+                m.secs,
                 mbs,
                 mbs / pipe,
-                r.cpu,
-                r.client_cpu,
-                r.messages
+                mbs / relay,
+                m.cpu,
+                m.client_cpu,
+                m.messages
             )?;
+        }
+        if self.plan.throughput_rounds > 1 {
+            writeln!(f, "  rounds, MB/s:")?;
+            for r in &self.tp_rows {
+                let rounds: Vec<String> = r.rounds.iter().map(|&s| format!("{:.0}", mb_per_s(bytes, s))).collect();
+                writeln!(f, "    {:<36} {}", r.transport.to_string(), rounds.join(" "))?;
+            }
         }
         writeln!(f, "\nagent VmRSS kB")?;
         writeln!(f, "  idle after start               {:>8}", self.rss_idle_start)?;

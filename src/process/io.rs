@@ -19,7 +19,7 @@ use crate::sys::fd::AsyncRawFd;
 /// Largest single read, i.e. largest output chunk (one Data event on the wire). 128 KiB is four
 /// times envd's 32 KiB: fewer wake-ups and messages at GB/s rates, still far below the 4 MiB
 /// default message limit of gRPC clients.
-pub(crate) const READ_CHUNK: usize = 128 * 1024;
+pub const READ_CHUNK: usize = 128 * 1024;
 
 /// Size of the buffer reads are packed into. Consecutive reads share one allocation, so many
 /// small chunks pin one buffer, not one buffer each.
@@ -32,7 +32,7 @@ const MIN_READ: usize = 16 * 1024;
 /// fast writer run for ~1 ms between our reads; it is also the default `pipe-max-size`, so it
 /// works unprivileged. Best effort. Growing only busy pipes keeps two syscalls (and 2 MiB of
 /// possible kernel buffers) off every short command.
-pub(crate) const PIPE_SIZE: usize = 1024 * 1024;
+pub const PIPE_SIZE: usize = 1024 * 1024;
 
 /// A read of at least this much means the pipe was full at its default size.
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;

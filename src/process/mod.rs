@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::io::{Input, InputError};
+pub use self::io::{PIPE_SIZE, READ_CHUNK};
 pub use self::output::Subscription;
 use self::output::{Limits, OutputLog, Stream};
 use self::reaper::Exit;
