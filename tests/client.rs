@@ -482,6 +482,33 @@ async fn guestctl_run_streams_output_and_exits_with_the_command_code() {
 }
 
 #[tokio::test]
+async fn guestctl_run_writes_every_output_byte_and_reports_a_closed_stdout() {
+    let server = TestServer::start().await;
+    let addr = format!("tcp://{}", server.addr);
+    // 16 MiB of numbered lines on stdout (many messages), one line on stderr at the end.
+    let script = "seq 1 2000000; echo done >&2";
+    let (code, stdout, stderr) = guestctl(args(&["--addr", &addr, "run", "--", "sh", "-c", script])).await;
+    assert_eq!((code, stderr.as_str()), (0, "done\n"));
+    let expected: String = (1..=2_000_000).map(|n| format!("{n}\n")).collect();
+    assert!(stdout == expected, "stdout differs: {} bytes instead of {}", stdout.len(), expected.len());
+
+    // A reader that goes away (`guestctl run … | head -1`) ends guestctl with the cause.
+    let exe = env!("CARGO_BIN_EXE_guestctl");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("'{exe}' --addr {addr} run -- head -c 64M /dev/zero | head -c 1 >/dev/null"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("writing the output") && stderr.contains("Broken pipe"), "stderr: {stderr}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn guestctl_cp_both_ways_keeps_the_bytes() {
     let server = TestServer::start().await;
     let muxer = Muxer::start(Mode::Proxy { upstream: server.addr, not_listening: 0 });
