@@ -39,9 +39,10 @@ const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 /// Copies one output stream into `log` until end of file.
 ///
-/// Once `drain` is cancelled (a signal was sent and the group leader has been reaped), it reads
-/// only what is already buffered and stops at the first "would block": a descendant that escaped
-/// the kill may hold the pipe open forever.
+/// Once `drain` is cancelled (we signalled the group and its leader died of a signal), it reads
+/// only what is already buffered — at most one pipe's worth, without waiting for subscribers —
+/// and stops at the first "would block": a descendant that escaped the kill may hold the pipe
+/// open forever.
 pub(super) async fn pump(
     src: Arc<AsyncRawFd>,
     stream: Stream,
@@ -51,12 +52,23 @@ pub(super) async fn pump(
 ) {
     let mut buf = BytesMut::new();
     let mut grown = stream == Stream::Pty;
+    let mut drained = 0;
     loop {
-        log.wait_for_space().await;
+        let draining = drain.is_cancelled();
+        if draining {
+            // What the killed group left in the pipe goes to the log without waiting for slow
+            // subscribers (the grace is short), bounded by one pipe's worth: more can only come
+            // from a descendant that escaped the kill.
+            if drained >= PIPE_SIZE {
+                break;
+            }
+        } else {
+            log.wait_for_space().await;
+        }
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_ALLOC);
         }
-        let read = if drain.is_cancelled() {
+        let read = if draining {
             // Nothing below waits while draining: yield when the task's budget is spent, so the
             // supervisor's grace timer can end a drain that an escaped writer keeps feeding.
             tokio::task::consume_budget().await;
@@ -75,6 +87,9 @@ pub(super) async fn pump(
                     if let Err(error) = crate::sys::fd::set_pipe_size(src.as_fd(), PIPE_SIZE) {
                         tracing::debug!(pid, %error, "could not enlarge the output pipe");
                     }
+                }
+                if draining {
+                    drained += n;
                 }
                 log.push(stream, buf.split().freeze());
             }

@@ -51,6 +51,7 @@ use self::reaper::Exit;
 use self::spawn::ParentIo;
 use crate::paths::PathError;
 use crate::sys::fd::AsyncRawFd;
+use crate::sys::wait::WaitStatus;
 use crate::users::User;
 
 /// The conventional PATH, for a guestd started without one.
@@ -301,8 +302,9 @@ struct Proc {
     replay: bool,
     log: Arc<OutputLog>,
     input: ProcInput,
-    /// A SIGTERM/SIGKILL was sent by us: publish End as soon as the leader is reaped.
-    cut: CancellationToken,
+    /// How many times we signalled the group: a leader killed after a signal from us, or a
+    /// signal sent once the leader is gone, publishes End without waiting for escaped writers.
+    signals: tokio::sync::watch::Sender<u64>,
     /// End has been published.
     ended: CancellationToken,
 }
@@ -321,10 +323,10 @@ impl ProcInput {
 }
 
 impl Proc {
-    /// Signals the whole group. Marks the output as cut first, so the End follows the leader's
-    /// death even if a descendant keeps the pipes open.
+    /// Signals the whole group. Counts the signal first, so the End follows the leader's death
+    /// even if a descendant keeps the pipes open.
     fn kill(&self, signal: Signal) -> std::io::Result<()> {
-        self.cut.cancel();
+        self.signals.send_modify(|n| *n += 1);
         reaper::signal_group(self.pid, signal.to_nix())
     }
 }
@@ -431,10 +433,16 @@ impl ProcessManager {
             replay: spec.replay,
             log: Arc::clone(&log),
             input,
-            cut: CancellationToken::new(),
+            signals: tokio::sync::watch::Sender::new(0),
             ended: CancellationToken::new(),
         });
-        self.inner.table().live.insert(pid, Arc::clone(&proc));
+        let closing = {
+            let mut table = self.inner.table();
+            table.live.insert(pid, Arc::clone(&proc));
+            // Read under the lock `shutdown` lists the processes under: if it is set now, that
+            // list may have been taken before this insert, and nobody else would end this one.
+            self.inner.closing.load(Ordering::SeqCst)
+        };
         tracing::debug!("process started");
 
         let drain = CancellationToken::new();
@@ -444,7 +452,16 @@ impl ProcessManager {
         if let Some(limit) = spec.timeout.filter(|t| !t.is_zero()) {
             self.inner.tasks.spawn(enforce_timeout(Arc::clone(&proc), limit));
         }
-        self.inner.tasks.spawn(supervise(Arc::clone(&self.inner), proc, launched.exit, pumps, drain));
+        self.inner.tasks.spawn(supervise(Arc::clone(&self.inner), Arc::clone(&proc), launched.exit, pumps, drain));
+        if closing {
+            if let Err(error) = proc.kill(Signal::Kill) {
+                tracing::debug!(pid, %error, "SIGKILL of a process started during shutdown failed");
+            }
+            return Err(ProcessError::Spawn {
+                cmd: proc.command.cmd.clone(),
+                source: std::io::Error::other("guestd is shutting down"),
+            });
+        }
         Ok(Attached { pid, events })
     }
 
@@ -605,16 +622,25 @@ async fn supervise(
             _ = &mut pumps, if !pumps_done => pumps_done = true,
         }
     };
+    // The output ends early — what is buffered, then End — when the leader died of a signal
+    // after we signalled the group, or when we signal it from now on (the leader is gone; only
+    // descendants that left the group can still hold the pipes). A leader that survived our
+    // SIGTERM and exited by itself is waited for like any other, up to end of file.
+    let mut signals = proc.signals.subscribe();
+    let signalled = *signals.borrow_and_update() > 0;
+    let killed = signalled && matches!(outcome, reaper::Outcome::Ended(WaitStatus::Signaled { .. }));
     if !pumps_done {
-        tokio::select! {
+        let cut = tokio::select! {
             biased;
-            _ = &mut pumps => {}
-            () = proc.cut.cancelled() => {
-                drain.cancel();
-                // Past the grace the pumps are dropped: a descendant that escaped the kill may
-                // hold the pipe open forever.
-                let _ = tokio::time::timeout(DRAIN_GRACE, &mut pumps).await;
-            }
+            _ = &mut pumps => false,
+            () = std::future::ready(()), if killed => true,
+            _ = signals.changed() => true,
+        };
+        if cut {
+            drain.cancel();
+            // Past the grace the pumps are dropped: a descendant that escaped the kill may hold
+            // the pipe open forever.
+            let _ = tokio::time::timeout(DRAIN_GRACE, &mut pumps).await;
         }
     }
     let status = ExitStatus::from_outcome(outcome);

@@ -12,14 +12,16 @@
 //!   child like a pipe would: no loss, bounded memory.
 //! - A subscriber more than [`SUBSCRIBER_WINDOW`] behind the most advanced one is evicted: its
 //!   next call returns [`SubscriptionError::Evicted`], never a silent gap, reorder or duplicate.
+//!   One that was already behind when a newcomer joined at the tail may trail by that much more
+//!   (at most another window), so a joining client does not evict a steady reader.
 //! - A subscriber that alone holds the pumps back and makes no progress for [`STALL_TIMEOUT`] is
 //!   evicted too, so a frozen TCP connection cannot wedge a process forever.
 //! - With no subscriber the pumps never wait (the child must never block on an unread pipe); the
-//!   log keeps only the last [`RETAINED_TAIL`] of output.
+//!   log keeps only the last [`REPLAY_TAIL`] of a replayed process's output, nothing otherwise.
 //! - Dropping a subscription unsubscribes at once.
 //!
-//! Memory per process is thus bounded by about `2 * SUBSCRIBER_WINDOW` plus two read chunks
-//! (the slowest live subscriber is within one window of the leader, the leader within one window
+//! Memory per process is thus bounded by about `3 * SUBSCRIBER_WINDOW` plus two read chunks
+//! (the slowest live subscriber is within two windows of the leader, the leader within one window
 //! of the newest byte). Limits count each chunk as at least [`MIN_CHUNK_COST`] bytes, so a flood
 //! of tiny reads cannot pile up millions of chunk headers inside a "4 MiB" window.
 
@@ -37,17 +39,14 @@ use super::{Event, ExitStatus, SubscriptionError};
 /// How far the pumps may run ahead of the most advanced subscriber, and how far a subscriber may
 /// trail the most advanced one before it is evicted. 4 MiB absorbs several seconds of a
 /// terminal-speed stream and a few round trips of a fast one (at 1 GB/s it is ~4 ms, enough for
-/// the transport's own buffers to keep the pipe busy), while keeping a process's worst case in
-/// the single-digit MiB.
+/// the transport's own buffers to keep the pipe busy), while keeping a process's worst case
+/// (three windows, see the module docs) near 12 MiB.
 pub(crate) const SUBSCRIBER_WINDOW: u64 = 4 * 1024 * 1024;
 
-/// Output kept while nobody is subscribed (and behind every subscriber), so a later caller can
-/// replay recent output from the oldest retained byte. 1 MiB holds a few thousand lines of a
-/// build log; it is resident for every live process, hence smaller than the window.
-pub(crate) const RETAINED_TAIL: u64 = 1024 * 1024;
-
-/// Output kept for processes started with `replay` (the boot start command), so a host that
-/// connects after the fact sees what it printed: 4 MiB holds any realistic startup log.
+/// Output kept for processes started with `replay` (the boot start command) while nobody is
+/// subscribed, and behind every subscriber, so a host that connects after the fact sees what it
+/// printed: 4 MiB holds any realistic startup log. Other processes keep nothing nobody will read:
+/// a later `Connect` starts at the tail, as envd's does.
 pub(crate) const REPLAY_TAIL: u64 = 4 * 1024 * 1024;
 
 /// A subscriber that alone holds the pumps back and reads nothing for this long is evicted.
@@ -68,7 +67,7 @@ pub(crate) struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { window: SUBSCRIBER_WINDOW, tail: RETAINED_TAIL, stall: STALL_TIMEOUT }
+        Self { window: SUBSCRIBER_WINDOW, tail: 0, stall: STALL_TIMEOUT }
     }
 }
 
@@ -100,7 +99,13 @@ struct Chunk {
 struct Sub {
     /// Sequence number of the next chunk to deliver.
     cursor: u64,
+    /// Reading, or caught up and waiting for output: the stall clock runs only while neither.
     last_progress: Instant,
+    /// Extra distance this subscriber may trail the leader by: how far behind the newest output
+    /// it was when a later subscriber joined at the tail (at most one window). Without it, a
+    /// subscriber that was holding the pumps back — a full window behind the tail — would be
+    /// evicted as soon as a newcomer read anything, however steadily it kept reading.
+    slack: u64,
     /// Set when evicted: how many bytes it was behind the newest output.
     evicted: Option<u64>,
 }
@@ -171,7 +176,7 @@ impl State {
             return false;
         };
         let laggards: Vec<u64> =
-            self.live().filter(|(_, s)| lead - self.offsets(s.cursor).0 > window).map(|(id, _)| id).collect();
+            self.live().filter(|(_, s)| lead - self.offsets(s.cursor).0 > window + s.slack).map(|(id, _)| id).collect();
         for &id in &laggards {
             self.evict(id);
         }
@@ -268,7 +273,7 @@ impl OutputLog {
         self.add_subscriber(&mut st, cursor)
     }
 
-    /// Subscribes from the oldest retained chunk, replaying up to [`RETAINED_TAIL`] of output.
+    /// Subscribes from the oldest retained chunk, replaying up to the log's tail of output.
     pub(crate) fn subscribe_from_oldest(self: &Arc<Self>) -> Subscription {
         let mut st = self.lock();
         let cursor = st.first_seq;
@@ -278,7 +283,15 @@ impl OutputLog {
     fn add_subscriber(self: &Arc<Self>, st: &mut State, cursor: u64) -> Subscription {
         let id = st.next_sub;
         st.next_sub += 1;
-        st.subs.insert(id, Sub { cursor, last_progress: Instant::now(), evicted: None });
+        let end_pos = st.end_pos;
+        let behind: Vec<(u64, u64)> =
+            st.live().map(|(id, sub)| (id, (end_pos - st.offsets(sub.cursor).0).min(self.limits.window))).collect();
+        for (id, behind) in behind {
+            if let Some(sub) = st.subs.get_mut(&id) {
+                sub.slack = sub.slack.max(behind);
+            }
+        }
+        st.subs.insert(id, Sub { cursor, last_progress: Instant::now(), slack: 0, evicted: None });
         Subscription { inner: Inner::Live { log: Arc::clone(self), id } }
     }
 
@@ -324,6 +337,13 @@ impl OutputLog {
             return;
         }
         let mut st = self.lock();
+        // Subscribers that were caught up start reading this chunk now: time spent waiting for
+        // output is not a stall.
+        let next_seq = st.next_seq();
+        let now = Instant::now();
+        for sub in st.subs.values_mut().filter(|s| s.cursor == next_seq) {
+            sub.last_progress = now;
+        }
         let len = data.len() as u64;
         let cost = len.max(MIN_CHUNK_COST);
         let chunk = Chunk { stream, data, pos: st.end_pos, cost, byte: st.end_byte };
@@ -558,6 +578,57 @@ mod tests {
             .await
             .expect("no subscriber left: never wait");
         assert!(log.lock().chunks.len() <= 2, "trimmed to the tail");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caught_up_subscriber_is_not_stalled_by_a_burst_after_silence() {
+        let log = OutputLog::new(small());
+        let _sub = log.subscribe_at_tail();
+        // The process prints nothing for longer than the stall timeout; the subscriber waits.
+        tokio::time::sleep(small().stall + Duration::from_secs(1)).await;
+        for n in 0..4 {
+            log.wait_for_space().await;
+            log.push(Stream::Stdout, chunk(n));
+        }
+        let started = Instant::now();
+        log.wait_for_space().await; // the paused clock jumps to the stall deadline
+        assert!(started.elapsed() >= small().stall, "evicted without being given time to read");
+    }
+
+    #[tokio::test]
+    async fn a_newcomer_does_not_get_a_steady_reader_evicted() {
+        let log = OutputLog::new(small());
+        let mut first = log.subscribe_at_tail();
+        for n in 0..4 {
+            log.wait_for_space().await;
+            log.push(Stream::Stdout, chunk(n));
+        }
+        // The pump now waits for `first` (a full window behind the tail) when a second client
+        // joins at the tail and reads everything at once.
+        let mut second = log.subscribe_at_tail();
+        for n in 4..12u8 {
+            log.wait_for_space().await;
+            log.push(Stream::Stdout, chunk(n));
+            expect_chunk(&mut second, n).await;
+            // `first` reads one chunk per chunk produced: it never falls further behind.
+            expect_chunk(&mut first, n - 4).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn output_nobody_can_read_is_not_kept() {
+        let log = OutputLog::new(Limits::default());
+        let mut sub = log.subscribe_at_tail();
+        for _ in 0..64 {
+            log.push(Stream::Stdout, Bytes::from(vec![b'x'; 64 * 1024]));
+            assert!(matches!(sub.next().await, Some(Ok(Event::Stdout(_)))));
+        }
+        assert!(log.lock().chunks.is_empty(), "chunks held after every subscriber read everything");
+        // A replayed process keeps its tail for later subscribers.
+        let replayed = OutputLog::new(Limits::default().with_replay_tail());
+        replayed.push(Stream::Stdout, Bytes::from_static(b"boot log"));
+        let mut late = replayed.subscribe_from_oldest();
+        assert!(matches!(late.next().await, Some(Ok(Event::Stdout(b))) if &b[..] == b"boot log"));
     }
 
     #[test]

@@ -187,12 +187,16 @@ fn try_collect(pid: i32) -> Option<Outcome> {
 /// Sends `signal` to the process group `pgid` (`kill(-pgid)`).
 ///
 /// Holding the table lock guarantees that, if the group leader is still registered, it is
-/// unreaped, so `pgid` still names our group and not a recycled pid.
+/// unreaped, so `pgid` still names our group and not a recycled pid. Once the leader has been
+/// reaped the group may be empty (ESRCH): the process then only waits for a descendant that left
+/// the group to close its output, and there is nothing left to signal, which is success.
 pub fn signal_group(pgid: u32, signal: NixSignal) -> io::Result<()> {
     let pgid = i32::try_from(pgid).map_err(io::Error::other)?;
-    let _table = table();
-    killpg(Pid::from_raw(pgid), signal)?;
-    Ok(())
+    let table = table();
+    match killpg(Pid::from_raw(pgid), signal) {
+        Err(nix::errno::Errno::ESRCH) if !table.contains_key(&pgid) => Ok(()),
+        result => Ok(result?),
+    }
 }
 
 /// One scan: collect every ended child and notify its owner.

@@ -584,3 +584,74 @@ async fn throughput_one_gib() {
     assert_eq!(total, 1 << 30);
     eprintln!("1 GiB in {secs:.3} s = {:.2} GB/s", total as f64 / secs / 1e9);
 }
+
+/// A start racing with shutdown (spawned after shutdown listed the processes) is ended too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_racing_shutdown_leaves_nothing_running() {
+    let pm = manager();
+    let starter = {
+        let pm = pm.clone();
+        tokio::spawn(async move {
+            let mut pids = Vec::new();
+            let mut subs = Vec::new();
+            while let Ok(a) = pm.start(spec("sleep", &["1000"])).await {
+                pids.push(a.pid);
+                subs.push(a.events);
+            }
+            (pids, subs)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pm.shutdown(Duration::from_millis(200)).await;
+    let (pids, _subs) = starter.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alive: Vec<u32> = pids.iter().copied().filter(|&p| !dead(p)).collect();
+    for &p in &alive {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(alive.is_empty(), "{} of {} still running after shutdown: {alive:?}", alive.len(), pids.len());
+}
+
+/// The leader exited and a descendant that left the group still holds stdout, so the process is
+/// still live (no End yet): signalling it succeeds (as with envd, whose leader stays unreaped)
+/// rather than failing with ESRCH, and the End follows.
+#[tokio::test]
+async fn a_kill_after_the_leader_exited_succeeds_while_an_escaped_descendant_holds_the_output() {
+    let pm = manager();
+    let mut p = pm.start(sh("setsid sleep 1000 & echo $!")).await.unwrap();
+    let text = read_until(&mut p.events, "\n").await;
+    let escaped: i32 = text.trim().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // sh has exited and been reaped
+    assert!(dead(p.pid));
+    assert_eq!(pm.list().len(), 1, "still live: the pipe is held");
+    let result = pm.signal(&Selector::Pid(p.pid), Signal::Kill);
+    let end = collect(&mut p.events).await;
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped), nix::sys::signal::Signal::SIGKILL);
+    assert!(end.end.is_some());
+    result.expect("SendSignal on a live process");
+}
+
+/// A process that survives SIGTERM (handles it) and later exits normally keeps all its output,
+/// even for a reader slower than the writer: the short drain is for killed leaders only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_after_a_survived_sigterm_is_complete() {
+    let pm = manager();
+    let mut p =
+        pm.start(sh("trap 'echo got-term' TERM; echo ready; sleep 0.5; head -c 8000000 /dev/zero")).await.unwrap();
+    read_until(&mut p.events, "ready").await;
+    pm.signal(&Selector::Pid(p.pid), Signal::Term).unwrap();
+    let mut n = 0usize;
+    let mut end = None;
+    while let Some(ev) = p.events.next().await {
+        match ev.expect("not evicted") {
+            Event::Stdout(b) => {
+                n += b.iter().filter(|&&c| c == 0).count();
+                tokio::time::sleep(Duration::from_millis(20)).await; // a slow client
+            }
+            Event::End(s) => end = Some(s),
+            _ => {}
+        }
+    }
+    assert_eq!(end.unwrap().exit_code, 0);
+    assert_eq!(n, 8_000_000, "bytes received before End");
+}

@@ -8,6 +8,11 @@ use tonic::metadata::MetadataMap;
 /// Keepalive interval when the client sends none or an unusable one (envd's default).
 pub(crate) const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
+/// Longest keepalive interval honoured; larger values are clamped to it. A day is "never" for
+/// any stream, and the timer's deadline stays far from the end of the clock (an `i64::MAX`
+/// seconds interval used to overflow `Instant` and abort guestd).
+pub(crate) const MAX_KEEPALIVE: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The request deadline from `grpc-timeout` (Connect's `Connect-Timeout-Ms` arrives translated),
 /// parsed by the same function the deadline layer enforces it with.
 pub(crate) fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
@@ -16,18 +21,19 @@ pub(crate) fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
 }
 
 /// `Keepalive-Ping-Interval` in whole seconds. Missing, junk, zero or negative values give the
-/// default (envd crashes on <= 0; we do not).
+/// default (envd crashes on <= 0; we do not); values above [`MAX_KEEPALIVE`] are clamped to it.
 pub(crate) fn keepalive_interval(md: &MetadataMap) -> Duration {
     md.get("keepalive-ping-interval")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok())
         .filter(|s| *s > 0)
-        .map_or(DEFAULT_KEEPALIVE, |s| Duration::from_secs(s.unsigned_abs()))
+        .map_or(DEFAULT_KEEPALIVE, |s| Duration::from_secs(s.unsigned_abs()).min(MAX_KEEPALIVE))
 }
 
 /// The keepalive timer of a stream: first tick one `period` from now, and a late tick never
 /// bursts (the timer restarts after every data event; see `reset`).
 pub(crate) fn keepalive_ticker(period: Duration) -> tokio::time::Interval {
+    let period = period.min(MAX_KEEPALIVE);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker
@@ -62,5 +68,14 @@ mod tests {
             assert_eq!(keepalive_interval(&md("keepalive-ping-interval", bad)), DEFAULT_KEEPALIVE, "{bad}");
         }
         assert_eq!(keepalive_interval(&MetadataMap::new()), DEFAULT_KEEPALIVE);
+    }
+
+    #[tokio::test]
+    async fn huge_keepalive_intervals_are_clamped_not_fatal() {
+        let huge = md("keepalive-ping-interval", "9223372036854775807");
+        assert_eq!(keepalive_interval(&huge), MAX_KEEPALIVE);
+        // The ticker's first deadline is computed at once: it used to overflow `Instant`.
+        let ticker = keepalive_ticker(Duration::MAX);
+        assert_eq!(ticker.period(), MAX_KEEPALIVE);
     }
 }
