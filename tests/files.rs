@@ -773,3 +773,22 @@ async fn large_round_trip_streams_both_ways() {
     assert_eq!(total, data.len());
     assert_eq!(hasher.finalize()[..], Sha256::digest(&data)[..]);
 }
+
+/// A file dated before 1970 (`touch -d 1969-07-20`) downloads without a `Last-Modified`:
+/// formatting the date used to panic, which aborts guestd. (After 9999: `last_modified`'s unit
+/// test; most disk filesystems cannot store such dates.)
+#[tokio::test]
+async fn a_file_dated_before_1970_downloads_without_last_modified() {
+    let (addr, _server) = serve().await;
+    let (_dir, root) = workdir();
+    let path = root.join("old.txt");
+    std::fs::write(&path, b"dated").unwrap();
+    let old = std::time::UNIX_EPOCH - Duration::from_secs(86_400);
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let response = sender.send_request(get(&query(&[("path", path.to_str().unwrap())]), &[])).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get(header::LAST_MODIFIED).is_none());
+}

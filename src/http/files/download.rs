@@ -199,6 +199,19 @@ fn gzip(inner: BoxStream<'static, io::Result<Bytes>>) -> impl futures_util::Stre
     })
 }
 
+/// `Last-Modified` for a file's mtime; none for the epoch itself (envd's "unknown") and for
+/// dates HTTP cannot write — before 1970 or after 9999, both settable with `touch` — which
+/// `httpdate` would panic on (and a panic aborts guestd).
+fn last_modified(modified: SystemTime) -> Option<HeaderValue> {
+    /// 9999-12-31T23:59:59Z, the last second an HTTP date can name.
+    const LAST_HTTP_DATE: u64 = 253_402_300_799;
+    let since_epoch = modified.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    if since_epoch.is_zero() || since_epoch.as_secs() > LAST_HTTP_DATE {
+        return None;
+    }
+    HeaderValue::from_str(&httpdate::fmt_http_date(modified)).ok()
+}
+
 fn identity_response(
     mut headers: HeaderMap,
     raw_path: &str,
@@ -206,9 +219,7 @@ fn identity_response(
     head: &[u8],
     request: &HeaderMap,
 ) -> Result<Response, FilesError> {
-    if let Some(modified) = file.modified.filter(|m| *m != SystemTime::UNIX_EPOCH)
-        && let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(modified))
-    {
+    if let Some(value) = file.modified.and_then(last_modified) {
         headers.insert(header::LAST_MODIFIED, value);
     }
     let use_range = match range::preconditions(request, file.modified) {
@@ -293,6 +304,18 @@ fn multipart_ranges(file: &ReadableFile, ranges: &[ByteRange], content_type: &st
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn last_modified_only_for_dates_http_can_write() {
+        use std::time::Duration;
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(last_modified(at(784_111_777)).unwrap(), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert!(last_modified(SystemTime::UNIX_EPOCH).is_none(), "the epoch means unknown");
+        assert!(last_modified(SystemTime::UNIX_EPOCH - Duration::from_secs(1)).is_none());
+        assert!(last_modified(at(253_402_300_799)).is_some());
+        assert!(last_modified(at(253_402_300_800)).is_none(), "year 10000");
+    }
+
     use super::*;
 
     fn best(header: &str) -> Option<Coding> {
