@@ -627,15 +627,15 @@ async fn supervise(
     // descendants that left the group can still hold the pipes). A leader that survived our
     // SIGTERM and exited by itself is waited for like any other, up to end of file.
     let mut signals = proc.signals.subscribe();
-    let signalled = *signals.borrow_and_update() > 0;
-    let killed = signalled && matches!(outcome, reaper::Outcome::Ended(WaitStatus::Signaled { .. }));
+    let killed =
+        *signals.borrow_and_update() > 0 && matches!(outcome, reaper::Outcome::Ended(WaitStatus::Signaled { .. }));
     if !pumps_done {
-        let cut = tokio::select! {
-            biased;
-            _ = &mut pumps => false,
-            () = std::future::ready(()), if killed => true,
-            _ = signals.changed() => true,
-        };
+        let cut = killed
+            || tokio::select! {
+                biased;
+                _ = &mut pumps => false,
+                _ = signals.changed() => true,
+            };
         if cut {
             drain.cancel();
             // Past the grace the pumps are dropped: a descendant that escaped the kill may hold

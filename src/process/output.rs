@@ -102,7 +102,7 @@ struct Sub {
     /// Reading, or caught up and waiting for output: the stall clock runs only while neither.
     last_progress: Instant,
     /// Extra distance this subscriber may trail the leader by: how far behind the newest output
-    /// it was when a later subscriber joined at the tail (at most one window). Without it, a
+    /// it was when a later subscriber joined (at most one window). Without it, a
     /// subscriber that was holding the pumps back — a full window behind the tail — would be
     /// evicted as soon as a newcomer read anything, however steadily it kept reading.
     slack: u64,

@@ -304,6 +304,7 @@ fn multipart_ranges(file: &ReadableFile, ranges: &[ByteRange], content_type: &st
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn last_modified_only_for_dates_http_can_write() {
@@ -315,8 +316,6 @@ mod tests {
         assert!(last_modified(at(253_402_300_799)).is_some());
         assert!(last_modified(at(253_402_300_800)).is_none(), "year 10000");
     }
-
-    use super::*;
 
     fn best(header: &str) -> Option<Coding> {
         negotiate(Some(header)).best
