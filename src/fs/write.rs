@@ -70,18 +70,26 @@ impl AtomicWrite {
     /// `owner` and writes `metadata` onto it. ENOSPC here means no inode could be had.
     pub async fn create(path: &Path, owner: Owner, metadata: Metadata) -> Result<AtomicWrite, FsError> {
         let path = path.to_path_buf();
-        let (target, temp, file) = tokio::task::spawn_blocking(move || prepare(&path, owner, &metadata))
-            .await
-            .map_err(|join| FsError::Io { op: "prepare", path: PathBuf::new(), source: io::Error::other(join) })??;
-        Ok(AtomicWrite {
-            target,
-            temp,
-            file: Arc::new(file),
-            buffer: Vec::with_capacity(WRITE_BUFFER_BYTES),
-            in_flight: None,
-            written: 0,
-            committed: false,
+        // The value is built inside the blocking task: if this future is dropped meanwhile
+        // (the client vanished), tokio drops the task's output, and `Drop` removes the file.
+        tokio::task::spawn_blocking(move || {
+            let (target, temp, file) = prepare(&path, owner, &metadata)?;
+            Ok(AtomicWrite {
+                target,
+                temp,
+                file: Arc::new(file),
+                buffer: Vec::with_capacity(WRITE_BUFFER_BYTES),
+                in_flight: None,
+                written: 0,
+                committed: false,
+            })
         })
+        .await
+        .map_err(|join| FsError::Io {
+            op: "prepare",
+            path: PathBuf::new(),
+            source: io::Error::other(join),
+        })?
     }
 
     /// The path the content will replace (symlinks followed).
@@ -364,6 +372,22 @@ mod tests {
         drop(w);
         assert_eq!(fs::read(&path).unwrap(), b"old");
         assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn dropped_while_preparing_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut create = std::pin::pin!(AtomicWrite::create(&path, me(), Metadata::default()));
+            // The first poll hands the setup to the blocking pool; the caller then goes away.
+            let first = futures_util::poll!(create.as_mut());
+            assert!(first.is_pending());
+        });
+        runtime.shutdown_timeout(std::time::Duration::from_secs(10)); // lets the setup finish
+        assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+        assert!(!path.exists());
     }
 
     #[tokio::test]

@@ -74,6 +74,9 @@ enum FilesError {
         #[source]
         source: PathError,
     },
+    /// An upload path ending in `/`.
+    #[error("cannot upload to '{path}': the path ends with '/', name the file to write")]
+    UploadToDirectory { path: String },
     /// An octet-stream upload without `?path=`.
     #[error("path query parameter is required for raw body upload")]
     MissingPath,
@@ -92,6 +95,13 @@ enum FilesError {
     /// The multipart body is malformed or ended early.
     #[error("error reading form")]
     Multipart(#[source] multer::Error),
+    /// A multipart body with more than `limit` bytes before its first boundary or in one
+    /// part's boundary line and headers.
+    #[error(
+        "error reading form: more than {} KiB of multipart preamble or part headers (no boundary or no blank line after the headers)",
+        .limit / 1024
+    )]
+    MultipartFraming { limit: usize },
     /// A `file` part without a usable `filename` (and no `path` override).
     #[error("error getting multipart part file name")]
     PartFileName(#[source] media::MediaTypeError),
@@ -139,11 +149,13 @@ fn status(err: &FilesError) -> StatusCode {
         | FilesError::NoUser
         | FilesError::Path { .. }
         | FilesError::MissingPath
+        | FilesError::UploadToDirectory { .. }
         | FilesError::UnsupportedContentEncoding(_)
         | FilesError::UnsupportedContentType(_)
         | FilesError::BadMultipart(_)
         | FilesError::Metadata(_)
         | FilesError::Multipart(_)
+        | FilesError::MultipartFraming { .. }
         | FilesError::PartFileName(_)
         | FilesError::MissingFileName
         | FilesError::DuplicateTarget { .. }

@@ -9,10 +9,15 @@
 //! Memory: nothing collects a body. The request body is pulled in hyper's chunks (or
 //! [`GUNZIP_CHUNK`] pieces when gzip-encoded) and each chunk is handed to the file before the
 //! next is read, so a slow disk slows the client down (TCP backpressure) instead of filling
-//! memory. Multipart framing is parsed by `multer` over the same stream.
+//! memory. Multipart framing is parsed by `multer` over the same stream, which holds at most
+//! [`MULTIPART_FRAMING_LIMIT`] bytes of preamble or part headers plus one chunk.
 
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::Json;
@@ -77,7 +82,7 @@ async fn upload(
 
     if essence == "application/octet-stream" {
         let raw = query.path.ok_or(FilesError::MissingPath)?;
-        let path = resolve(&raw, &user, workdir.as_deref())?;
+        let path = file_path(&raw, &user, workdir.as_deref())?;
         tracing::Span::current().record("path", tracing::field::display(path.display()));
         let written = write_file(&path, &target, body_stream(body, gzip).map_err(FilesError::Body)).await?;
         return Ok(Json(vec![written]));
@@ -94,10 +99,23 @@ async fn upload(
         if let Some(raw) = &query.path {
             tracing::Span::current().record("path", raw.as_str());
         }
-        let parts = multer::Multipart::new(OneChunkPerPoll::new(body_stream(body, gzip)), boundary.clone());
-        return upload_parts(parts, query.path.as_deref(), &target).await.map(Json);
+        let budget = FramingBudget::default();
+        let feed = MultipartFeed::new(body_stream(body, gzip), budget.clone());
+        let parts = multer::Multipart::new(feed, boundary.clone());
+        return upload_parts(parts, budget, query.path.as_deref(), &target).await.map(Json);
     }
     Err(FilesError::UnsupportedContentType(content_type))
+}
+
+/// Where an upload named `raw` goes. A name ending in `/` names a directory: refused, where
+/// envd (Go's `filepath.Clean`) would drop the slash and write a file called like the directory
+/// the client meant, or fail with a 500 when that is an existing file.
+fn file_path(raw: &str, user: &User, workdir: Option<&std::path::Path>) -> Result<PathBuf, FilesError> {
+    let path = resolve(raw, user, workdir)?;
+    if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return Err(FilesError::UploadToDirectory { path: raw.to_owned() });
+    }
+    Ok(path)
 }
 
 /// What every file of one request shares.
@@ -160,36 +178,77 @@ async fn write_file(
     Ok(WrittenFile { path: path.to_string_lossy().into_owned(), name: base_name(path), r#type: "file", metadata })
 }
 
-/// Hands `multer` one chunk per poll. multer's buffer pulls from its stream until the stream
-/// is pending; a gzip decoder over already-received bytes is never pending, so without this a
-/// small, highly compressible body would be inflated into memory whole before the first
-/// byte reaches a file. With it, multer holds at most one chunk plus an unfinished boundary.
-struct OneChunkPerPoll<S> {
-    inner: S,
-    yielded: bool,
-}
+/// How many bytes multer may be handed without giving anything back (a part or a piece of a
+/// part's data). Those bytes are the preamble before the first boundary, and each part's
+/// boundary line and headers: multer holds them whole and searches them again on every chunk,
+/// so a body that never shows a boundary, or a header section that never ends, would cost
+/// memory and CPU without bound (a 174 KB gzip body inflating to 40 MB of zeros took 32 s of
+/// CPU). Clients send a few hundred bytes there; envd (Go) skips any preamble line by line and
+/// allows 10 MB of part headers, a limit no upload needs.
+const MULTIPART_FRAMING_LIMIT: usize = 64 * 1024;
 
-impl<S> OneChunkPerPoll<S> {
-    fn new(inner: S) -> Self {
-        OneChunkPerPoll { inner, yielded: false }
+/// Bytes handed to multer since it last gave something back, shared between the feed and the
+/// code that drives multer; `usize::MAX` once [`MULTIPART_FRAMING_LIMIT`] was exceeded.
+#[derive(Clone, Default)]
+struct FramingBudget(Arc<AtomicUsize>);
+
+impl FramingBudget {
+    /// multer returned a part or some part data: what it was handed has been parsed.
+    fn progress(&self) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| (held != usize::MAX).then_some(0));
+    }
+
+    fn exceeded(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == usize::MAX
+    }
+
+    /// The error for a multer failure: ours when the feed cut it off for exceeding the budget.
+    fn error(&self, err: multer::Error) -> FilesError {
+        if self.exceeded() {
+            FilesError::MultipartFraming { limit: MULTIPART_FRAMING_LIMIT }
+        } else {
+            FilesError::Multipart(err)
+        }
     }
 }
 
-impl<S: futures_util::Stream + Unpin> futures_util::Stream for OneChunkPerPoll<S> {
-    type Item = S::Item;
+/// The body as multer sees it: one chunk per poll, and no chunk once multer holds more than
+/// [`MULTIPART_FRAMING_LIMIT`] bytes without progress (it then reads an error, so it holds at
+/// most the limit plus one chunk).
+///
+/// One chunk per poll: multer's buffer pulls from its stream until the stream is pending; a
+/// gzip decoder over already-received bytes is never pending, so without this a small, highly
+/// compressible body would be inflated into memory whole before the first byte reaches a file.
+struct MultipartFeed<S> {
+    inner: S,
+    yielded: bool,
+    budget: FramingBudget,
+}
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
+impl<S> MultipartFeed<S> {
+    fn new(inner: S, budget: FramingBudget) -> Self {
+        MultipartFeed { inner, yielded: false, budget }
+    }
+}
+
+impl<S: futures_util::Stream<Item = io::Result<Bytes>> + Unpin> futures_util::Stream for MultipartFeed<S> {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         if std::mem::take(&mut self.yielded) {
             // Pending with an immediate wake-up: multer stops filling its buffer and consumes
             // what it has; the task is polled again right away.
             cx.waker().wake_by_ref();
-            return std::task::Poll::Pending;
+            return Poll::Pending;
+        }
+        if self.budget.0.load(Ordering::Relaxed) > MULTIPART_FRAMING_LIMIT {
+            self.budget.0.store(usize::MAX, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(io::Error::other("multipart framing over its limit"))));
         }
         let next = self.inner.poll_next_unpin(cx);
-        if matches!(next, std::task::Poll::Ready(Some(_))) {
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            // Never reaches usize::MAX: nothing is added once the limit is passed.
+            self.budget.0.fetch_add(chunk.len(), Ordering::Relaxed);
             self.yielded = true;
         }
         next
@@ -199,12 +258,14 @@ impl<S: futures_util::Stream + Unpin> futures_util::Stream for OneChunkPerPoll<S
 /// Writes every `file` part of a `multipart/form-data` body, in order.
 async fn upload_parts(
     mut parts: multer::Multipart<'static>,
+    budget: FramingBudget,
     path_override: Option<&str>,
     target: &Target<'_>,
 ) -> Result<Vec<WrittenFile>, FilesError> {
     let mut written: Vec<WrittenFile> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
-    while let Some(mut part) = parts.next_field().await.map_err(FilesError::Multipart)? {
+    while let Some(mut part) = parts.next_field().await.map_err(|e| budget.error(e))? {
+        budget.progress();
         let disposition =
             part.headers().get(header::CONTENT_DISPOSITION).map(|v| String::from_utf8_lossy(v.as_bytes()));
         let disposition = parse_media_type(disposition.as_deref().unwrap_or(""));
@@ -212,7 +273,12 @@ async fn upload_parts(
         let is_file = matches!(&disposition, Ok(d) if d.essence == "form-data"
             && d.params.get("name").map(String::as_str) == Some("file"));
         if !is_file {
-            continue; // multer skips the rest of the part on the next `next_field`
+            // Read past it here rather than leave it to `next_field`, which would skip it
+            // without giving anything back: the budget would count the part's data.
+            while part.chunk().await.map_err(|e| budget.error(e))?.is_some() {
+                budget.progress();
+            }
+            continue;
         }
         let raw = match path_override {
             Some(raw) => raw.to_owned(),
@@ -221,12 +287,13 @@ async fn upload_parts(
                 disposition.params.get("filename").cloned().ok_or(FilesError::MissingFileName)?
             }
         };
-        let path = resolve(&raw, target.user, target.workdir)?;
+        let path = file_path(&raw, target.user, target.workdir)?;
         if seen.contains(&path) {
             return Err(FilesError::DuplicateTarget { path });
         }
         seen.push(path.clone());
-        written.push(write_file(&path, target, (&mut part).map_err(FilesError::Multipart)).await?);
+        let data = (&mut part).inspect_ok(|_| budget.progress()).map_err(|e| budget.error(e));
+        written.push(write_file(&path, target, data).await?);
     }
     Ok(written)
 }
@@ -237,19 +304,63 @@ mod tests {
 
     use super::*;
 
+    fn chunk(data: &'static [u8]) -> io::Result<Bytes> {
+        Ok(Bytes::from_static(data))
+    }
+
     #[test]
     fn multer_gets_one_chunk_per_poll() {
-        use std::task::{Context, Poll};
-        let always_ready = futures_util::stream::iter([1, 2, 3]);
-        let mut paced = OneChunkPerPoll::new(always_ready);
+        let always_ready = futures_util::stream::iter([chunk(b"1"), chunk(b"2"), chunk(b"3")]);
+        let mut paced = MultipartFeed::new(always_ready, FramingBudget::default());
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Ready(Some(1)));
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Pending, "a buffer-filling loop stops here");
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Ready(Some(2)));
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Pending);
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Ready(Some(3)));
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Pending);
-        assert_eq!(paced.poll_next_unpin(&mut cx), Poll::Ready(None));
+        for expected in [b"1", b"2", b"3"] {
+            let next = paced.poll_next_unpin(&mut cx);
+            assert!(matches!(next, Poll::Ready(Some(Ok(c))) if c == expected[..]));
+            assert!(paced.poll_next_unpin(&mut cx).is_pending(), "a buffer-filling loop stops here");
+        }
+        assert!(matches!(paced.poll_next_unpin(&mut cx), Poll::Ready(None)));
+    }
+
+    /// `prefix` and then 4 MiB of `x` in 8 KiB chunks, counting the bytes pulled.
+    fn long_body(prefix: &'static [u8], pulled: Arc<AtomicUsize>) -> BoxStream<'static, io::Result<Bytes>> {
+        let filler = Bytes::from(vec![b'x'; 8192]);
+        let rest = futures_util::stream::repeat_with(move || {
+            pulled.fetch_add(filler.len(), Ordering::Relaxed);
+            Ok(filler.clone())
+        });
+        let rest = rest.take(512);
+        futures_util::stream::iter([chunk(prefix)]).chain(rest).boxed()
+    }
+
+    #[tokio::test]
+    async fn multer_holds_a_bounded_preamble_and_header_section() {
+        let part = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\nX-Long: ";
+        for (case, prefix) in [("no boundary", &b""[..]), ("endless headers", &part[..])] {
+            let pulled = Arc::new(AtomicUsize::new(0));
+            let budget = FramingBudget::default();
+            let mut parts =
+                multer::Multipart::new(MultipartFeed::new(long_body(prefix, pulled.clone()), budget.clone()), "b");
+            let err = parts.next_field().await.map(|_| ()).expect_err(case);
+            assert!(matches!(budget.error(err), FilesError::MultipartFraming { .. }), "{case}");
+            let pulled = pulled.load(Ordering::Relaxed);
+            assert!(pulled <= MULTIPART_FRAMING_LIMIT + 8192, "{case}: {pulled} bytes pulled");
+        }
+    }
+
+    #[tokio::test]
+    async fn part_data_of_any_size_resets_the_budget() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let budget = FramingBudget::default();
+        let part = b"--b\r\nContent-Disposition: form-data; name=\"big\"\r\n\r\n";
+        let mut parts =
+            multer::Multipart::new(MultipartFeed::new(long_body(part, pulled.clone()), budget.clone()), "b");
+        let mut field = parts.next_field().await.unwrap().expect("a part");
+        budget.progress();
+        while pulled.load(Ordering::Relaxed) < 3 << 20 {
+            field.chunk().await.unwrap().expect("data");
+            budget.progress();
+        }
+        assert!(!budget.exceeded());
     }
 
     #[test]
