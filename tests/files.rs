@@ -749,6 +749,27 @@ async fn conditional_requests() {
     assert_eq!(&reply.body[..], b"cached");
 }
 
+/// envd answers HEAD with 405 (chi registers GET only); guestd answers it as HTTP says, with
+/// the GET's headers and no body, so a client can learn a file's size and type without
+/// transferring it.
+#[tokio::test]
+async fn head_answers_a_downloads_headers_without_its_body() {
+    let (addr, _server) = serve().await;
+    let (_dir, root) = workdir();
+    let path = root.join("head.txt");
+    std::fs::write(&path, b"twelve bytes").unwrap();
+    let head = |uri: String| Request::head(uri).header(header::HOST, "guestd").body(full(Bytes::new())).unwrap();
+    let reply = send(addr, head(query(&[("path", path.to_str().unwrap())]))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("content-length"), Some("12"));
+    assert_eq!(reply.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert!(reply.header("last-modified").is_some());
+    assert!(reply.body.is_empty());
+    let reply = send(addr, head(query(&[("path", root.join("missing").to_str().unwrap())]))).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.body.is_empty());
+}
+
 #[tokio::test]
 async fn download_errors_are_json() {
     let (addr, _server) = serve().await;
