@@ -94,7 +94,7 @@ impl Filesystem for FilesystemRpc {
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
         // envd resolves "" to the home directory (or workdir) and deletes it; nobody means that.
-        if request.get_ref().path.trim().is_empty() {
+        if request.get_ref().path.is_empty() {
             return Err(Status::invalid_argument(
                 "refusing to remove an empty path: it would resolve to the home or working directory",
             ));

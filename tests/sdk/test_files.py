@@ -573,6 +573,22 @@ def test_relative_paths_of_a_user_resolve_against_its_home_needs_root(sandbox, t
     assert not os.path.exists(f"{test_user.home}/{name}")
 
 
+def test_remove_refuses_only_the_empty_path_needs_root(sandbox, test_user):
+    """envd resolves "" to the home directory and deletes it; guestd refuses that one path.
+    A name of spaces is a file name like any other and is removed."""
+    from e2b import InvalidArgumentException
+
+    with pytest.raises(InvalidArgumentException, match="refusing to remove an empty path"):
+        sandbox.files.remove("", user=test_user.name)
+    assert os.path.isdir(test_user.home)
+    spaces = os.path.join(test_user.home, "   ")
+    with open(spaces, "w") as f:
+        f.write("x")
+    sandbox.files.remove("   ", user=test_user.name)
+    assert not os.path.exists(spaces)
+    assert os.path.isdir(test_user.home)
+
+
 def test_unknown_user_is_rejected(sandbox, tmp_path):
     from e2b import AuthenticationException
 
