@@ -1,7 +1,7 @@
 //! Path operations behind `filesystem.Filesystem` (rpc.md §5.1–5.5). All blocking: callers run
 //! them in `spawn_blocking`.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -125,10 +125,17 @@ pub fn rename(source: &Path, destination: &Path, owner: Owner) -> Result<EntryIn
 /// success. Paths ending in `.` are refused with EINVAL before anything is deleted (Go's
 /// `os.RemoveAll` does the same; `rmdir("x/.")` would fail only after emptying `x`).
 ///
+/// Trailing slashes are dropped first, as Go's `os.RemoveAll` does (it removes the base name
+/// from its parent): the kernel follows a symlink spelled `link/`, so without that `link/`
+/// would empty the link's target and then fail to `rmdir` the link, and `x/./` would empty `x`.
+///
 /// Callers decide which paths must never be removed: an empty request path resolves to the
 /// user's home, which envd deletes without a second thought.
 pub fn remove(path: &Path) -> Result<(), FsError> {
-    let bytes = path.as_os_str().as_bytes();
+    let mut bytes = path.as_os_str().as_bytes();
+    while bytes.len() > 1 && bytes.ends_with(b"/") {
+        bytes = &bytes[..bytes.len() - 1];
+    }
     if bytes == b"." || bytes.ends_with(b"/.") {
         return Err(FsError::Io {
             op: "remove",
@@ -136,9 +143,10 @@ pub fn remove(path: &Path) -> Result<(), FsError> {
             source: io::Error::from_raw_os_error(Errno::EINVAL as i32),
         });
     }
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
+    let target = Path::new(OsStr::from_bytes(bytes));
+    let result = match fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(target),
+        Ok(_) => fs::remove_file(target),
         Err(e) => Err(e),
     };
     match result {
@@ -335,5 +343,20 @@ mod tests {
         fs::write(root.join("keep/f"), b"x").unwrap();
         assert!(matches!(remove(&root.join("keep/.")), Err(FsError::Io { op: "remove", .. })));
         assert!(root.join("keep/f").exists(), "nothing deleted for a path ending in '.'");
+        assert!(matches!(remove(&root.join("keep/./")), Err(FsError::Io { op: "remove", .. })));
+        assert!(root.join("keep/f").exists(), "nothing deleted for a path ending in './'");
+        remove(&PathBuf::from(format!("{}/keep//", root.display()))).unwrap();
+        assert!(!root.join("keep").exists(), "a directory spelled with trailing slashes is removed");
+    }
+
+    #[test]
+    fn remove_of_a_link_spelled_with_a_trailing_slash_removes_only_the_link() {
+        let (_dir, root) = tree();
+        let path = PathBuf::from(format!("{}/link-b/", root.display()));
+        let result = remove(&path);
+        assert!(root.join("b/d/e.txt").exists(), "the link's target was emptied ({result:?})");
+        assert!(root.join("b/c.txt").exists(), "the link's target was emptied ({result:?})");
+        result.unwrap();
+        assert!(fs::symlink_metadata(root.join("link-b")).is_err(), "the link itself is gone, as with envd");
     }
 }
