@@ -77,6 +77,12 @@ pub enum FsError {
         #[source]
         source: io::Error,
     },
+    /// A `list_dir` result would exceed `ops::LIST_DIR_MAX_BYTES`: too many entries at this depth.
+    #[error(
+        "listing {} to depth {depth} exceeds {limit} bytes: list fewer levels or a subdirectory",
+        .path.display()
+    )]
+    ListingTooLarge { path: PathBuf, depth: u32, limit: usize },
     /// The path is on a network filesystem and the caller did not allow that (watchers).
     #[error("path is on a network mount: {}", .path.display())]
     NetworkMount { path: PathBuf },

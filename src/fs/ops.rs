@@ -18,13 +18,29 @@ pub fn stat(path: &Path) -> Result<EntryInfo, FsError> {
     entry_info(path)
 }
 
+/// Most a `list_dir` result may hold, in bytes of its strings plus [`ENTRY_OVERHEAD`] per
+/// entry (roughly its protobuf size). A listing is one unary response, so it cannot be streamed;
+/// without a bound, `ListDir("/", depth = 1000)` on a large disk holds every entry of the machine
+/// in memory (several times over while encoding) before anything is sent. 64 MiB is the largest
+/// response the Connect layer translates (`connect::MAX_RESPONSE_MESSAGE_BYTES`): a bigger listing
+/// could not reach a Connect client anyway, so it fails early with [`FsError::ListingTooLarge`].
+pub const LIST_DIR_MAX_BYTES: usize = 64 << 20;
+
+/// Per-entry share of [`LIST_DIR_MAX_BYTES`] besides the strings: numbers, timestamp, tags.
+const ENTRY_OVERHEAD: usize = 64;
+
 /// `ListDir`: the entries under `requested` down to `depth` levels (0 means 1), in lexical
 /// pre-order, the directory itself excluded.
 ///
 /// `requested` may be (or pass through) a symlink: it is resolved to find the directory, but
 /// every returned `path` is spelled under the cleaned `requested`. Symlinks inside are listed,
-/// never descended into. Entries that vanish during the walk are skipped.
+/// never descended into. Entries that vanish during the walk are skipped. A listing larger than
+/// [`LIST_DIR_MAX_BYTES`] is [`FsError::ListingTooLarge`].
 pub fn list_dir(requested: &Path, depth: u32) -> Result<Vec<EntryInfo>, FsError> {
+    list_dir_within(requested, depth, LIST_DIR_MAX_BYTES)
+}
+
+fn list_dir_within(requested: &Path, depth: u32, max_bytes: usize) -> Result<Vec<EntryInfo>, FsError> {
     let depth = depth.max(1);
     let resolved = fs::canonicalize(requested).map_err(|e| match errno(&e) {
         Some(Errno::ENOENT) => FsError::NotFound { path: requested.to_path_buf() },
@@ -38,11 +54,17 @@ pub fn list_dir(requested: &Path, depth: u32) -> Result<Vec<EntryInfo>, FsError>
 
     let mut names = Names::default();
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     // Explicit stack instead of recursion: nesting depth is whatever the disk holds, and this
     // runs on a blocking-pool thread with a modest stack.
+    // `bytes` counts the entries listed plus, for every name read but not visited yet, its
+    // share of the entry it will become ([`reserved`]): a huge directory fails while being read,
+    // not after its names are all in memory.
+    let too_large = || FsError::ListingTooLarge { path: requested.to_path_buf(), depth, limit: max_bytes };
     let mut stack = vec![Level { real: resolved.clone(), shown: clean(requested), depth: 1, names: Vec::new() }];
-    match read_sorted(&resolved) {
-        Ok(names) => stack[0].names = names,
+    match read_sorted(&resolved, &mut bytes, max_bytes) {
+        Ok(Some(names)) => stack[0].names = names,
+        Ok(None) => return Err(too_large()),
         Err(e) => return Err(FsError::from_io("read directory", &resolved, e)),
     }
     while let Some(level) = stack.last_mut() {
@@ -50,6 +72,7 @@ pub fn list_dir(requested: &Path, depth: u32) -> Result<Vec<EntryInfo>, FsError>
             stack.pop();
             continue;
         };
+        bytes -= reserved(&name);
         let real = level.real.join(&name);
         let shown = level.shown.join(&name);
         let child_depth = level.depth + 1;
@@ -59,17 +82,32 @@ pub fn list_dir(requested: &Path, depth: u32) -> Result<Vec<EntryInfo>, FsError>
             Err(e) => return Err(e),
         };
         info.path = shown.to_string_lossy().into_owned();
+        bytes += approx_size(&info);
+        if bytes > max_bytes {
+            return Err(too_large());
+        }
         let descend = child_depth <= depth && !info.is_symlink && info.kind == super::FileKind::Directory;
         out.push(info);
         if descend {
-            match read_sorted(&real) {
-                Ok(names) => stack.push(Level { real, shown, depth: child_depth, names }),
+            match read_sorted(&real, &mut bytes, max_bytes) {
+                Ok(Some(names)) => stack.push(Level { real, shown, depth: child_depth, names }),
+                Ok(None) => return Err(too_large()),
                 Err(e) if errno(&e) == Some(Errno::ENOENT) => {}
                 Err(e) => return Err(FsError::from_io("read directory", &real, e)),
             }
         }
     }
     Ok(out)
+}
+
+/// What `info` adds to a listing, for [`LIST_DIR_MAX_BYTES`].
+fn approx_size(info: &EntryInfo) -> usize {
+    let strings = [&info.name, &info.path, &info.permissions, &info.owner, &info.group];
+    let metadata: usize = info.metadata.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    ENTRY_OVERHEAD
+        + strings.iter().map(|s| s.len()).sum::<usize>()
+        + info.symlink_target.as_ref().map_or(0, String::len)
+        + metadata
 }
 
 /// One directory being walked by [`list_dir`].
@@ -85,12 +123,29 @@ struct Level {
 /// Directory entries sorted like Go's `os.ReadDir` (bytewise), reversed for popping. Upload
 /// temporaries in flight are left out, as watchers leave them out: until its rename, an
 /// upload is invisible, then it is the target.
-fn read_sorted(dir: &Path) -> io::Result<Vec<OsString>> {
-    let mut names = fs::read_dir(dir)?
-        .filter_map(|e| e.map(|e| e.file_name()).map(|n| (!super::is_upload_temp(&n)).then_some(n)).transpose())
-        .collect::<io::Result<Vec<_>>>()?;
+///
+/// Every name adds [`reserved`] to `bytes`; `None` as soon as that passes `max_bytes`.
+fn read_sorted(dir: &Path, bytes: &mut usize, max_bytes: usize) -> io::Result<Option<Vec<OsString>>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if super::is_upload_temp(&name) {
+            continue;
+        }
+        *bytes += reserved(&name);
+        if *bytes > max_bytes {
+            return Ok(None);
+        }
+        names.push(name);
+    }
     names.sort_unstable_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
-    Ok(names)
+    Ok(Some(names))
+}
+
+/// The least a name read by [`read_sorted`] will add to the listing as an entry (its name and
+/// the overhead; [`approx_size`] is at least that), charged before it is visited.
+fn reserved(name: &OsStr) -> usize {
+    ENTRY_OVERHEAD + name.len()
 }
 
 /// `MakeDir`: creates `path` and any missing parents (0755 before umask, owned by `owner`).
@@ -261,6 +316,20 @@ mod tests {
         assert!(list_dir(&empty, 3).unwrap().is_empty());
         fs::write(empty.join(".x.guestd-upload-0123456789abcdef"), b"in flight").unwrap();
         assert!(list_dir(&empty, 1).unwrap().is_empty(), "upload temporaries are not listed");
+    }
+
+    #[test]
+    fn list_dir_larger_than_its_bound_fails_naming_the_limit() {
+        let (_dir, root) = tree();
+        let all = list_dir(&root, 10).unwrap();
+        let size: usize = all.iter().map(approx_size).sum();
+        assert_eq!(list_dir_within(&root, 10, size).unwrap(), all, "exactly at the bound is fine");
+        let err = list_dir_within(&root, 10, size - 1).unwrap_err();
+        assert!(matches!(&err, FsError::ListingTooLarge { path, depth: 10, .. } if *path == root), "{err:?}");
+        assert!(err.to_string().contains(&format!("{} bytes", size - 1)), "{err}");
+        // A directory whose names alone exceed the bound fails while it is read.
+        let err = list_dir_within(&root, 1, ENTRY_OVERHEAD).unwrap_err();
+        assert!(matches!(err, FsError::ListingTooLarge { depth: 1, .. }), "{err:?}");
     }
 
     #[test]

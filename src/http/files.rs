@@ -175,7 +175,8 @@ fn status(err: &FilesError) -> StatusCode {
             FsError::AlreadyExists { .. } => StatusCode::CONFLICT,
             FsError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             FsError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            FsError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // Never from a download or upload (only ListDir lists).
+            FsError::ListingTooLarge { .. } | FsError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         },
         FilesError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

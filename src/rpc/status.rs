@@ -46,7 +46,7 @@ impl From<FsError> for Status {
             | FsError::NetworkMount { .. } => Code::InvalidArgument,
             FsError::CyclicSymlink { .. } => Code::FailedPrecondition,
             FsError::PermissionDenied { .. } => Code::PermissionDenied,
-            FsError::NoSpace { .. } => Code::ResourceExhausted,
+            FsError::NoSpace { .. } | FsError::ListingTooLarge { .. } => Code::ResourceExhausted,
             FsError::Io { .. } => Code::Internal,
         };
         Status::new(code, crate::error_chain(&err))
