@@ -15,6 +15,7 @@
 
 use bytes::{BufMut, BytesMut};
 use prost::Message as _;
+use prost::encoding::{self, DecodeContext, WireType};
 use prost_reflect::{DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
 
 use super::error::ConnectProtocolError;
@@ -54,9 +55,10 @@ impl MethodCodec {
         match codec {
             Codec::Proto => {
                 // tonic would report undecodable input as `internal`; Connect says
-                // `invalid_argument`, so check here. The decode borrows `bytes` fields.
-                DynamicMessage::decode(self.input.clone(), payload).map_err(|source| {
-                    ConnectProtocolError::InvalidProto { message: self.input.full_name().to_owned(), source }
+                // `invalid_argument`, so check here (without building the message: see `Check`).
+                Check(self.input.clone()).merge(payload).map_err(|source| ConnectProtocolError::InvalidProto {
+                    message: self.input.full_name().to_owned(),
+                    source,
                 })?;
                 out.put_slice(payload);
             }
@@ -110,6 +112,74 @@ impl MethodCodec {
         }
         Ok(())
     }
+}
+
+/// A message of the described type that is decoded only to be checked: every field is read
+/// with prost's own decoders, as strictly as the generated code tonic runs next (wire types,
+/// lengths, UTF-8, the recursion limit), and nothing is kept.
+///
+/// Why not `DynamicMessage::decode`: it keeps every unknown field and every repeated element,
+/// at ~50 bytes each, so a 16 MiB request of 2-byte fields (a few KiB once gzipped) made guestd
+/// allocate ~400 MiB before the call even started. This check allocates at most one string
+/// field's copy at a time.
+#[derive(Debug)]
+struct Check(MessageDescriptor);
+
+/// Read one scalar (or one packed run of them) with prost's decoder for `$module`.
+macro_rules! check_scalar {
+    ($module:ident, $wire:expr, $field:expr, $wire_type:expr, $buf:expr, $ctx:expr) => {{
+        let mut value = Default::default();
+        if $field.is_list() && $wire_type == WireType::LengthDelimited {
+            encoding::merge_loop(&mut value, $buf, $ctx, |v, b, c| encoding::$module::merge($wire, v, b, c))
+        } else {
+            encoding::$module::merge($wire_type, &mut value, $buf, $ctx)
+        }
+    }};
+}
+
+impl prost::Message for Check {
+    fn encode_raw(&self, _buf: &mut impl bytes::BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        number: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        let Some(field) = self.0.get_field(number) else {
+            return encoding::skip_field(wire_type, number, buf, ctx);
+        };
+        let (f, w, b, c) = (&field, wire_type, buf, ctx);
+        match field.kind() {
+            Kind::Double => check_scalar!(double, WireType::SixtyFourBit, f, w, b, c),
+            Kind::Float => check_scalar!(float, WireType::ThirtyTwoBit, f, w, b, c),
+            Kind::Int32 | Kind::Enum(_) => check_scalar!(int32, WireType::Varint, f, w, b, c),
+            Kind::Int64 => check_scalar!(int64, WireType::Varint, f, w, b, c),
+            Kind::Uint32 => check_scalar!(uint32, WireType::Varint, f, w, b, c),
+            Kind::Uint64 => check_scalar!(uint64, WireType::Varint, f, w, b, c),
+            Kind::Sint32 => check_scalar!(sint32, WireType::Varint, f, w, b, c),
+            Kind::Sint64 => check_scalar!(sint64, WireType::Varint, f, w, b, c),
+            Kind::Fixed32 => check_scalar!(fixed32, WireType::ThirtyTwoBit, f, w, b, c),
+            Kind::Fixed64 => check_scalar!(fixed64, WireType::SixtyFourBit, f, w, b, c),
+            Kind::Sfixed32 => check_scalar!(sfixed32, WireType::ThirtyTwoBit, f, w, b, c),
+            Kind::Sfixed64 => check_scalar!(sfixed64, WireType::SixtyFourBit, f, w, b, c),
+            Kind::Bool => check_scalar!(bool, WireType::Varint, f, w, b, c),
+            Kind::String => encoding::string::merge(w, &mut String::new(), b, c),
+            Kind::Bytes => {
+                encoding::check_wire_type(WireType::LengthDelimited, w)?;
+                encoding::skip_field(w, number, b, c)
+            }
+            Kind::Message(m) if field.is_group() => encoding::group::merge(number, w, &mut Check(m), b, c),
+            Kind::Message(m) => encoding::message::merge(w, &mut Check(m), b, c),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {}
 }
 
 /// protojson's defaults, spelled out (they are also prost-reflect's defaults).
@@ -332,6 +402,74 @@ mod tests {
         assert!(matches!(err, Err(ConnectProtocolError::InvalidJson { .. })));
         let err = codec.request_to_proto(Codec::Proto, &[0x0a, 0x05, 0x08], true, &mut out);
         assert!(matches!(err, Err(ConnectProtocolError::InvalidProto { .. })));
+    }
+
+    /// Peak resident memory of this process in MiB since the last [`reset_peak_rss`].
+    fn peak_rss_mib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    }
+
+    /// Reset VmHWM to the current RSS (Linux >= 4.0).
+    fn reset_peak_rss() {
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    }
+
+    #[test]
+    fn proto_requests_are_checked_in_bounded_memory() {
+        let codec = codec_for("process.Process.SendSignal");
+        // 16 MiB of 2-byte unknown fields (field 15, varint 0): a few KiB once gzipped.
+        let payload = [0x78u8, 0x00].repeat(8 << 20);
+        let mut out = BytesMut::with_capacity(payload.len() + 16);
+        reset_peak_rss();
+        let before = peak_rss_mib();
+        codec.request_to_proto(Codec::Proto, &payload, true, &mut out).unwrap();
+        let grew = peak_rss_mib().saturating_sub(before);
+        assert!(grew < 64, "checking a 16 MiB request took {grew} MiB more memory");
+        assert_eq!(&out[..], &payload[..]);
+    }
+
+    #[test]
+    fn proto_requests_are_checked_like_the_generated_decoder() {
+        let codec = codec_for("process.Process.Start");
+        let valid = crate::proto::process::StartRequest {
+            process: Some(crate::proto::process::ProcessConfig {
+                cmd: "sh".into(),
+                args: vec!["-c".into(), "true".into()],
+                envs: [("A".to_owned(), "1".to_owned())].into(),
+                cwd: Some("/".into()),
+            }),
+            tag: Some("t".into()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut with_unknown = valid.clone();
+        with_unknown.extend_from_slice(&[0x78, 0x05, 0x7d, 1, 2, 3, 4, 0x7b, 0x08, 0x01, 0x7c]);
+        for ok in [&valid[..], &with_unknown[..], &[]] {
+            let mut out = BytesMut::new();
+            codec.request_to_proto(Codec::Proto, ok, true, &mut out).unwrap();
+            assert_eq!(&out[..], ok);
+        }
+        let mut nested_groups = vec![0x7b; 200];
+        nested_groups.extend(vec![0x7c; 200]);
+        for bad in [
+            &[0x0a, 0x05, 0x08][..],         // process: length past the end
+            &[0x08, 0x01],                   // process as a varint
+            &[0x0a, 0x03, 0x0a, 0x01, 0xff], // process.cmd not UTF-8
+            &[0x0a, 0x02, 0x1a, 0x05],       // process.envs entry past the end of process
+            &[0x78],                         // unknown field without a value
+            &[0x7c],                         // end group without a start
+            &nested_groups,                  // past the recursion limit
+        ] {
+            let mut out = BytesMut::new();
+            let err = codec.request_to_proto(Codec::Proto, bad, true, &mut out);
+            assert!(matches!(err, Err(ConnectProtocolError::InvalidProto { .. })), "{bad:02x?}: {err:?}");
+            assert!(
+                crate::proto::process::StartRequest::decode(bad).is_err(),
+                "the generated decoder accepts {bad:02x?}"
+            );
+        }
     }
 
     #[test]
