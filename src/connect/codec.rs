@@ -69,6 +69,9 @@ impl MethodCodec {
                     }
                     return Ok(());
                 }
+                if json_values_exceed(payload, MAX_JSON_VALUES) {
+                    return Err(ConnectProtocolError::TooManyJsonValues { max: MAX_JSON_VALUES });
+                }
                 let invalid =
                     |source| ConnectProtocolError::InvalidJson { message: self.input.full_name().to_owned(), source };
                 let mut de = serde_json::Deserializer::from_slice(payload);
@@ -112,6 +115,45 @@ impl MethodCodec {
         }
         Ok(())
     }
+}
+
+/// Most JSON values (keys included) one request message may hold.
+///
+/// prost-reflect builds a JSON request as a `DynamicMessage` before it is encoded, at ~56 bytes
+/// per value (`prost_reflect::Value`), so a 16 MiB body of `"",` list elements (5.6 M values; a
+/// few KiB once gzipped) made guestd allocate ~300 MiB. 256 Ki values cost at most ~15 MiB, in
+/// line with [`super::MAX_MESSAGE_BYTES`]. No real request comes close: the largest lists are a
+/// command's argv and environment, which `execve` caps at ARG_MAX (2 MiB with the default stack
+/// limit, pointers included, so under 240 Ki strings).
+const MAX_JSON_VALUES: usize = 256 << 10;
+
+/// Does `json` hold more than `max` values? Counts the bytes that start a value or a key
+/// outside strings (`[ { , :`), an upper bound of the count, in one pass without allocating;
+/// malformed JSON is counted all the same and rejected by the parser afterwards.
+fn json_values_exceed(json: &[u8], max: usize) -> bool {
+    let mut count = 1usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' | b',' | b':' => count += 1,
+                _ => {}
+            }
+        }
+        if count > max {
+            return true;
+        }
+    }
+    false
 }
 
 /// A message of the described type that is decoded only to be checked: every field is read
@@ -302,6 +344,7 @@ mod tests {
     use prost_reflect::DescriptorPool;
 
     use super::*;
+    use crate::connect::MAX_MESSAGE_BYTES;
     use crate::proto::process::{
         ProcessEvent, StartResponse,
         process_event::{DataEvent, EndEvent, Event, StartEvent, data_event::Output},
@@ -428,6 +471,31 @@ mod tests {
         let grew = peak_rss_mib().saturating_sub(before);
         assert!(grew < 64, "checking a 16 MiB request took {grew} MiB more memory");
         assert_eq!(&out[..], &payload[..]);
+    }
+
+    #[test]
+    fn json_requests_are_decoded_in_bounded_memory() {
+        let codec = codec_for("process.Process.Start");
+        // 16 MiB of empty args: 5.6 M values, a few KiB once gzipped.
+        let mut json = b"{\"process\":{\"cmd\":\"x\",\"args\":[\"\"".to_vec();
+        while json.len() < MAX_MESSAGE_BYTES - 16 {
+            json.extend_from_slice(b",\"\"");
+        }
+        json.extend_from_slice(b"]}}");
+        let mut out = BytesMut::new();
+        reset_peak_rss();
+        let before = peak_rss_mib();
+        let err = codec.request_to_proto(Codec::Json, &json, true, &mut out);
+        let grew = peak_rss_mib().saturating_sub(before);
+        assert!(grew < 64, "decoding a 16 MiB request took {grew} MiB more memory");
+        assert!(matches!(err, Err(ConnectProtocolError::TooManyJsonValues { .. })), "{err:?}");
+        // A large but real argv (and strings full of separators) still goes through.
+        let args: Vec<String> = (0..100_000).map(|i| format!("a,[{{:\"}}{i}")).collect();
+        let json = serde_json::json!({"process": {"cmd": "x", "args": args}}).to_string();
+        let mut out = BytesMut::new();
+        codec.request_to_proto(Codec::Json, json.as_bytes(), true, &mut out).unwrap();
+        let req = crate::proto::process::StartRequest::decode(&out[..]).unwrap();
+        assert_eq!(req.process.unwrap().args, args);
     }
 
     #[test]

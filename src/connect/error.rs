@@ -140,6 +140,9 @@ pub enum ConnectProtocolError {
     /// the unary JSON body was empty
     #[error("zero-length payload is not a valid JSON object")]
     EmptyJson,
+    /// the JSON payload holds more values than the server decodes in one message
+    #[error("JSON message has more than {max} values")]
+    TooManyJsonValues { max: usize },
     /// the JSON payload does not parse as the method's input message
     #[error("unmarshal JSON into {message}")]
     InvalidJson {
@@ -190,9 +193,10 @@ impl ConnectProtocolError {
             | Self::InvalidJson { .. }
             | Self::InvalidProto { .. }
             | Self::InvalidTimeout(_) => Code::InvalidArgument,
-            Self::MessageTooLarge { .. } | Self::BodyTooLarge { .. } | Self::DecompressedTooLarge { .. } => {
-                Code::ResourceExhausted
-            }
+            Self::MessageTooLarge { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::DecompressedTooLarge { .. }
+            | Self::TooManyJsonValues { .. } => Code::ResourceExhausted,
             Self::UnsupportedCompression(_) | Self::UnknownMethod(_) | Self::RequestCardinality(_) => {
                 Code::Unimplemented
             }
