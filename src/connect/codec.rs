@@ -56,10 +56,13 @@ impl MethodCodec {
             Codec::Proto => {
                 // tonic would report undecodable input as `internal`; Connect says
                 // `invalid_argument`, so check here (without building the message: see `Check`).
-                Check(self.input.clone()).merge(payload).map_err(|source| ConnectProtocolError::InvalidProto {
-                    message: self.input.full_name().to_owned(),
-                    source,
+                let mut fields = 0;
+                Check { desc: self.input.clone(), fields: &mut fields }.merge(payload).map_err(|source| {
+                    ConnectProtocolError::InvalidProto { message: self.input.full_name().to_owned(), source }
                 })?;
+                if fields > MAX_VALUES {
+                    return Err(ConnectProtocolError::TooManyValues { max: MAX_VALUES });
+                }
                 out.put_slice(payload);
             }
             Codec::Json => {
@@ -69,8 +72,8 @@ impl MethodCodec {
                     }
                     return Ok(());
                 }
-                if json_values_exceed(payload, MAX_JSON_VALUES) {
-                    return Err(ConnectProtocolError::TooManyJsonValues { max: MAX_JSON_VALUES });
+                if json_values_exceed(payload, MAX_VALUES) {
+                    return Err(ConnectProtocolError::TooManyValues { max: MAX_VALUES });
                 }
                 let invalid =
                     |source| ConnectProtocolError::InvalidJson { message: self.input.full_name().to_owned(), source };
@@ -117,15 +120,17 @@ impl MethodCodec {
     }
 }
 
-/// Most JSON values (keys included) one request message may hold.
+/// Most JSON values (keys included), or known protobuf fields, one request message may hold.
 ///
 /// prost-reflect builds a JSON request as a `DynamicMessage` before it is encoded, at ~56 bytes
 /// per value (`prost_reflect::Value`), so a 16 MiB body of `"",` list elements (5.6 M values; a
-/// few KiB once gzipped) made guestd allocate ~300 MiB. 256 Ki values cost at most ~15 MiB, in
-/// line with [`super::MAX_MESSAGE_BYTES`]. No real request comes close: the largest lists are a
-/// command's argv and environment, which `execve` caps at ARG_MAX (2 MiB with the default stack
-/// limit, pointers included, so under 240 Ki strings).
-const MAX_JSON_VALUES: usize = 256 << 10;
+/// few KiB once gzipped) made guestd allocate ~300 MiB; tonic's generated decoder, which reads
+/// either codec's request, turns each of 8 M 2-byte repeated `string`s into a 24-byte `String`
+/// (~200 MiB). 256 Ki values cost at most ~15 MiB, in line with [`super::MAX_MESSAGE_BYTES`].
+/// No real request comes close: the largest lists are a command's argv and environment, which
+/// `execve` caps at ARG_MAX (2 MiB with the default stack limit, pointers included, so under
+/// 240 Ki strings).
+const MAX_VALUES: usize = 256 << 10;
 
 /// Does `json` hold more than `max` values? Counts the bytes that start a value or a key
 /// outside strings (`[ { , :`), an upper bound of the count, in one pass without allocating;
@@ -163,9 +168,13 @@ fn json_values_exceed(json: &[u8], max: usize) -> bool {
 /// Why not `DynamicMessage::decode`: it keeps every unknown field and every repeated element,
 /// at ~50 bytes each, so a 16 MiB request of 2-byte fields (a few KiB once gzipped) made guestd
 /// allocate ~400 MiB before the call even started. This check allocates at most one string
-/// field's copy at a time.
+/// field's copy at a time. Unknown fields are skipped (tonic skips them too); known ones are
+/// counted into `fields`, for [`MAX_VALUES`].
 #[derive(Debug)]
-struct Check(MessageDescriptor);
+struct Check<'a> {
+    desc: MessageDescriptor,
+    fields: &'a mut usize,
+}
 
 /// Read one scalar (or one packed run of them) with prost's decoder for `$module`.
 macro_rules! check_scalar {
@@ -179,7 +188,7 @@ macro_rules! check_scalar {
     }};
 }
 
-impl prost::Message for Check {
+impl prost::Message for Check<'_> {
     fn encode_raw(&self, _buf: &mut impl bytes::BufMut) {}
 
     fn merge_field(
@@ -189,9 +198,10 @@ impl prost::Message for Check {
         buf: &mut impl bytes::Buf,
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        let Some(field) = self.0.get_field(number) else {
+        let Some(field) = self.desc.get_field(number) else {
             return encoding::skip_field(wire_type, number, buf, ctx);
         };
+        *self.fields = self.fields.saturating_add(1);
         let (f, w, b, c) = (&field, wire_type, buf, ctx);
         match field.kind() {
             Kind::Double => check_scalar!(double, WireType::SixtyFourBit, f, w, b, c),
@@ -212,8 +222,14 @@ impl prost::Message for Check {
                 encoding::check_wire_type(WireType::LengthDelimited, w)?;
                 encoding::skip_field(w, number, b, c)
             }
-            Kind::Message(m) if field.is_group() => encoding::group::merge(number, w, &mut Check(m), b, c),
-            Kind::Message(m) => encoding::message::merge(w, &mut Check(m), b, c),
+            Kind::Message(desc) => {
+                let mut check = Check { desc, fields: &mut *self.fields };
+                if field.is_group() {
+                    encoding::group::merge(number, w, &mut check, b, c)
+                } else {
+                    encoding::message::merge(w, &mut check, b, c)
+                }
+            }
         }
     }
 
@@ -488,7 +504,7 @@ mod tests {
         let err = codec.request_to_proto(Codec::Json, &json, true, &mut out);
         let grew = peak_rss_mib().saturating_sub(before);
         assert!(grew < 64, "decoding a 16 MiB request took {grew} MiB more memory");
-        assert!(matches!(err, Err(ConnectProtocolError::TooManyJsonValues { .. })), "{err:?}");
+        assert!(matches!(err, Err(ConnectProtocolError::TooManyValues { .. })), "{err:?}");
         // A large but real argv (and strings full of separators) still goes through.
         let args: Vec<String> = (0..100_000).map(|i| format!("a,[{{:\"}}{i}")).collect();
         let json = serde_json::json!({"process": {"cmd": "x", "args": args}}).to_string();
@@ -496,6 +512,19 @@ mod tests {
         codec.request_to_proto(Codec::Json, json.as_bytes(), true, &mut out).unwrap();
         let req = crate::proto::process::StartRequest::decode(&out[..]).unwrap();
         assert_eq!(req.process.unwrap().args, args);
+    }
+
+    #[test]
+    fn proto_requests_hold_a_bounded_number_of_fields() {
+        // 8 M empty args in 16 MiB: tonic's generated decoder would make each a 24-byte String.
+        let mut config = [0x0a, 0x01, b'x'].to_vec();
+        config.extend([0x12, 0x00].repeat(8 << 20));
+        let mut payload = vec![0x0a];
+        prost::encoding::encode_varint(config.len() as u64, &mut payload);
+        payload.extend_from_slice(&config);
+        let codec = codec_for("process.Process.Start");
+        let err = codec.request_to_proto(Codec::Proto, &payload, true, &mut BytesMut::new());
+        assert!(matches!(err, Err(ConnectProtocolError::TooManyValues { .. })), "{err:?}");
     }
 
     #[test]

@@ -140,9 +140,10 @@ pub enum ConnectProtocolError {
     /// the unary JSON body was empty
     #[error("zero-length payload is not a valid JSON object")]
     EmptyJson,
-    /// the JSON payload holds more values than the server decodes in one message
-    #[error("JSON message has more than {max} values")]
-    TooManyJsonValues { max: usize },
+    /// the payload holds more values (JSON) or fields (proto) than the server decodes in one
+    /// message
+    #[error("message has more than {max} values")]
+    TooManyValues { max: usize },
     /// the JSON payload does not parse as the method's input message
     #[error("unmarshal JSON into {message}")]
     InvalidJson {
@@ -196,7 +197,7 @@ impl ConnectProtocolError {
             Self::MessageTooLarge { .. }
             | Self::BodyTooLarge { .. }
             | Self::DecompressedTooLarge { .. }
-            | Self::TooManyJsonValues { .. } => Code::ResourceExhausted,
+            | Self::TooManyValues { .. } => Code::ResourceExhausted,
             Self::UnsupportedCompression(_) | Self::UnknownMethod(_) | Self::RequestCardinality(_) => {
                 Code::Unimplemented
             }
