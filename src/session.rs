@@ -17,6 +17,10 @@ use subtle::ConstantTimeEq;
 /// Env vars guestd owns; `/init` envVars cannot overwrite them (envd's internal vars).
 pub const INTERNAL_ENV: &[&str] = &["E2B_SANDBOX", "E2B_SANDBOX_ID", "E2B_TEMPLATE_ID", "E2B_EVENTS_ADDRESS"];
 
+/// Longest `NAME=value` the kernel passes to a new program (`MAX_ARG_STRLEN`, 32 pages of 4 KiB,
+/// counting the trailing NUL); a longer env var makes every `execve` fail with E2BIG.
+pub const MAX_ENV_ENTRY: usize = 32 * 4096 - 1;
+
 /// Step the clock when the guest is this far behind the host's timestamp (envd's rule).
 pub const CLOCK_BEHIND_TOLERANCE: Duration = Duration::from_millis(50);
 /// Step the clock when the guest is this far ahead of the host's timestamp (envd's rule).
@@ -94,6 +98,28 @@ pub enum InitError {
     /// An empty token or one with a backslash (envd refuses both).
     #[error("invalid access token")]
     InvalidToken,
+    /// An env var no process could be given. envd accepts it and then fails every process
+    /// start; refusing the `/init` says what is wrong where it was sent. The value is never
+    /// shown (it may be a secret).
+    #[error("env var {name:?} {reason}")]
+    InvalidEnvVar { name: String, reason: &'static str },
+}
+
+/// Why no process could be given the env var `name=value`, if that is so.
+fn env_var_problem(name: &str, value: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("has an empty name")
+    } else if name.contains('=') {
+        Some("has '=' in its name")
+    } else if name.contains('\0') {
+        Some("has a NUL byte in its name")
+    } else if value.contains('\0') {
+        Some("has a NUL byte in its value")
+    } else if name.len() + 1 + value.len() > MAX_ENV_ENTRY {
+        Some("is longer than the kernel passes to a program (128 KiB with its name)")
+    } else {
+        None
+    }
 }
 
 /// The guest clock, behind a trait so `/init`'s clock rule is testable without root.
@@ -200,6 +226,11 @@ impl Session {
             (Some(current), Some(presented)) if !current.matches(presented) => return Err(InitError::TokenMismatch),
             (Some(_), None) => return Err(InitError::TokenResetNotAuthorized),
             _ => {}
+        }
+        if let Some(vars) = &req.env_vars
+            && let Some((name, reason)) = vars.iter().find_map(|(k, v)| env_var_problem(k, v).map(|r| (k, r)))
+        {
+            return Err(InitError::InvalidEnvVar { name: name.clone(), reason });
         }
         if let (Some(ts), Some(last)) = (req.timestamp, state.last_init)
             && ts < last

@@ -309,3 +309,33 @@ async fn cors_preflight_is_answered_before_the_token_gate() {
     assert!(real.headers["access-control-expose-headers"].to_str().unwrap().contains("grpc-status"));
     server.stop().await;
 }
+
+/// Deliberately stricter than envd, which accepts these and then fails every process start
+/// (Go's exec refuses a NUL in the environment; a name with `=` silently becomes another var):
+/// `/init` refuses an env var no process could be given, names it, and changes nothing.
+#[tokio::test]
+async fn init_refuses_env_vars_no_process_could_get() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    assert_eq!(post_json(addr, "/init", &[], json!({"envVars": {"KEEP": "1"}})).await.status, 204);
+    let huge = "x".repeat(200 * 1024);
+    for (vars, named) in [
+        (json!({"OK": "1", "BAD": "a\u{0}b"}), "BAD"),
+        (json!({"A=B": "x"}), "A=B"),
+        (json!({"": "x"}), "\"\""),
+        (json!({"NUL\u{0}NAME": "x"}), "NUL\\0NAME"),
+        (json!({"HUGE": huge}), "HUGE"),
+    ] {
+        let resp = post_json(addr, "/init", &[], json!({"envVars": vars, "defaultUser": "nobody"})).await;
+        assert_eq!(resp.status, 400, "{vars:?}");
+        let body = String::from_utf8_lossy(&resp.body);
+        assert!(body.contains(named), "{body}");
+        assert!(!body.contains("xxxx"), "a value is never echoed: {body}");
+    }
+    assert_eq!(get(addr, "/envs", &[]).await.json(), json!({"E2B_SANDBOX": "true", "KEEP": "1"}), "nothing applied");
+    let mut client = server.grpc().await;
+    let out = run(&mut client, sh("echo $KEEP $(id -un)")).await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "1 root\n");
+    server.stop().await;
+}

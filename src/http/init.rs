@@ -74,7 +74,7 @@ pub(super) async fn post_init(State(agent): State<Arc<Agent>>, body: Bytes) -> R
         Err(err @ (InitError::TokenMismatch | InitError::TokenResetNotAuthorized)) => {
             return (StatusCode::UNAUTHORIZED, version, format!("{err}\n")).into_response();
         }
-        Err(err @ InitError::InvalidToken) => {
+        Err(err @ (InitError::InvalidToken | InitError::InvalidEnvVar { .. })) => {
             return (StatusCode::BAD_REQUEST, version, format!("{err}\n")).into_response();
         }
     };
