@@ -42,9 +42,23 @@ pub struct Defaults {
     pub env: Vec<(String, String)>,
 }
 
-/// The sandbox's access token. Compared in constant time; never printed.
-#[derive(Clone)]
+/// The sandbox's access token. Compared in constant time; never printed. `/init` parses it
+/// straight into this type, so no request struct that derives `Debug` holds it as a `String`.
+#[derive(Clone, serde::Deserialize)]
+#[serde(transparent)]
 pub struct AccessToken(String);
+
+impl From<String> for AccessToken {
+    fn from(token: String) -> AccessToken {
+        AccessToken(token)
+    }
+}
+
+impl From<&str> for AccessToken {
+    fn from(token: &str) -> AccessToken {
+        AccessToken(token.to_owned())
+    }
+}
 
 impl AccessToken {
     /// Constant-time comparison with what a client presented.
@@ -68,7 +82,7 @@ impl std::fmt::Debug for AccessToken {
 pub struct InitRequest {
     /// Replaces every user env var; `None` leaves them unchanged.
     pub env_vars: Option<BTreeMap<String, String>>,
-    pub access_token: Option<String>,
+    pub access_token: Option<AccessToken>,
     /// The host's clock when it sent the request; orders requests and sets the guest clock.
     pub timestamp: Option<SystemTime>,
     pub default_user: Option<String>,
@@ -218,12 +232,12 @@ impl Session {
     pub fn init(&self, req: InitRequest, clock: &dyn Clock) -> Result<InitOutcome, InitError> {
         let mut state = self.write();
         if let Some(token) = &req.access_token
-            && (token.is_empty() || token.contains('\\'))
+            && (token.0.is_empty() || token.0.contains('\\'))
         {
             return Err(InitError::InvalidToken);
         }
         match (&state.token, &req.access_token) {
-            (Some(current), Some(presented)) if !current.matches(presented) => return Err(InitError::TokenMismatch),
+            (Some(current), Some(presented)) if !current.matches(&presented.0) => return Err(InitError::TokenMismatch),
             (Some(_), None) => return Err(InitError::TokenResetNotAuthorized),
             _ => {}
         }
@@ -259,7 +273,7 @@ impl Session {
             state.user_env = vars.into_iter().filter(|(k, _)| !INTERNAL_ENV.contains(&k.as_str())).collect();
         }
         if let Some(token) = req.access_token {
-            state.token = Some(AccessToken(token));
+            state.token = Some(token);
         }
         if let Some(user) = req.default_user.filter(|u| !u.is_empty()) {
             state.user = user;
@@ -380,7 +394,7 @@ mod tests {
     fn token_rules() {
         let session = Session::new("root");
         let clock = FakeClock::at(t(0));
-        let with = |tok: Option<&str>| InitRequest { access_token: tok.map(str::to_owned), ..Default::default() };
+        let with = |tok: Option<&str>| InitRequest { access_token: tok.map(AccessToken::from), ..Default::default() };
         assert_eq!(session.init(with(Some("")), &clock), Err(InitError::InvalidToken));
         assert_eq!(session.init(with(Some("a\\b")), &clock), Err(InitError::InvalidToken));
         session.init(with(Some("secret")), &clock).unwrap();
@@ -390,6 +404,17 @@ mod tests {
         assert_eq!(session.init(with(None), &clock), Err(InitError::TokenResetNotAuthorized));
         session.init(with(Some("secret")), &clock).unwrap();
         assert_eq!(format!("{:?}", session.token().unwrap()), "AccessToken(<redacted>)");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let req = InitRequest { access_token: Some("s3cret-token".into()), ..Default::default() };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let session = Session::new("root");
+        session.init(req, &FakeClock::at(t(0))).unwrap();
+        let shown = format!("{session:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

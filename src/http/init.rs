@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
 use crate::Agent;
-use crate::session::{InitError, InitRequest};
+use crate::session::{AccessToken, InitError, InitRequest};
 
 /// The envd protocol version guestd implements (every SDK feature gate up to 0.6.4 is on).
 pub const ENVD_VERSION: &str = "0.6.13";
@@ -24,7 +24,8 @@ const MAX_INIT_BODY: usize = 1 << 20;
 #[serde(rename_all = "camelCase")]
 struct Body {
     env_vars: Option<BTreeMap<String, String>>,
-    access_token: Option<String>,
+    /// Parsed straight into the redacting type: this struct derives `Debug`.
+    access_token: Option<AccessToken>,
     timestamp: Option<String>,
     default_user: Option<String>,
     default_workdir: Option<String>,
@@ -108,4 +109,17 @@ impl HeaderName {
     const X_ENVD_VERSION: header::HeaderName = header::HeaderName::from_static("x-envd-version");
     /// guestd extension: how many snapshot restores this guest has seen.
     const RESTORE_EPOCH: header::HeaderName = header::HeaderName::from_static("x-guestd-restore-epoch");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parsed_body_never_shows_the_token() {
+        let body: Body = serde_json::from_str(r#"{"accessToken": "s3cret-token", "defaultUser": "user"}"#).unwrap();
+        let shown = format!("{body:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("user"), "{shown}");
+    }
 }
