@@ -339,3 +339,15 @@ async fn init_refuses_env_vars_no_process_could_get() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "1 root\n");
     server.stop().await;
 }
+
+/// A `signature_expiration` that is not an integer is a malformed request (envd's parameter
+/// binding answers 400), not a failed authentication.
+#[tokio::test]
+async fn a_malformed_signature_expiration_is_a_bad_request() {
+    let server = TestServer::start().await;
+    assert_eq!(post_json(server.addr, "/init", &[], json!({"accessToken": "s3cret"})).await.status, 204);
+    let resp = get(server.addr, "/files?path=/etc/hostname&signature=v1_x&signature_expiration=soon", &[]).await;
+    assert_eq!(resp.status, 400, "{:?}", resp.body);
+    assert_eq!(resp.json(), json!({"code": 400, "message": "invalid signature_expiration: 'soon'"}));
+    server.stop().await;
+}

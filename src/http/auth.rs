@@ -42,6 +42,17 @@ pub enum AccessError {
     UnknownUser(String),
 }
 
+impl AccessError {
+    /// 401 for every refusal, except a `signature_expiration` that is not an integer: that is a
+    /// malformed request, which envd's parameter binding answers with 400 before any check.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            AccessError::BadExpiration(_) => http::StatusCode::BAD_REQUEST,
+            _ => http::StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
 /// envd's URL signature: `v1_` + unpadded standard base64 of
 /// sha256(`path:op:username:token[:expiration]`), op `read` (GET) or `write` (POST).
 pub fn sign(path: &str, op: &str, username: &str, token: &str, expiration: Option<i64>) -> String {
@@ -185,7 +196,7 @@ where
                 let body = serde_json::json!({"code": "unauthenticated", "message": err.to_string()});
                 Box::pin(std::future::ready(Ok(super::json_response(http::StatusCode::UNAUTHORIZED, &body))))
             }
-            Err(err) => Box::pin(std::future::ready(Ok(json_error(http::StatusCode::UNAUTHORIZED, &err.to_string())))),
+            Err(err) => Box::pin(std::future::ready(Ok(json_error(err.status(), &err.to_string())))),
         }
     }
 }
