@@ -114,7 +114,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "" | "s" => Ok(Duration::from_secs(n)),
         "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| format!("duration '{s}' is too long")),
         _ => Err(format!("invalid duration unit in '{s}': use ms, s or m")),
     }
 }
@@ -315,6 +315,19 @@ mod tests {
         fn in_container(&self) -> bool {
             !self.root
         }
+    }
+
+    #[test]
+    fn durations_parse_and_overflow_is_an_error() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        // u64::MAX / 60 + 1 minutes: multiplying by 60 overflows (a panic in a debug build, a
+        // silently wrapped, much shorter wait in release).
+        let err = parse_duration("307445734561825861m").unwrap_err();
+        assert!(err.contains("307445734561825861m"), "{err}");
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("").is_err());
     }
 
     #[test]
