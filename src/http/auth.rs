@@ -65,21 +65,27 @@ pub fn sign(path: &str, op: &str, username: &str, token: &str, expiration: Optio
 }
 
 /// Decides whether `req` may pass, given the sandbox's token (if any) and the current time.
+///
+/// envd's order (http.md §1.3): the token gate, then the `Authorization: Basic` user lookup,
+/// then (in the `/files` handlers) the signature. A client without the token learns nothing
+/// on a gated route, not even whether a user exists.
 pub fn check<B>(req: &Request<B>, token: Option<&AccessToken>, now: SystemTime) -> Result<(), AccessError> {
-    check_basic_user(req)?;
-    let Some(token) = token else { return Ok(()) };
+    let Some(token) = token else { return check_basic_user(req) };
     let path = req.uri().path();
-    if EXEMPT.iter().any(|(m, p)| m == req.method() && *p == path) {
+    let exempt = EXEMPT.iter().any(|(m, p)| m == req.method() && *p == path);
+    let is_files = path == "/files" && (req.method() == Method::GET || req.method() == Method::POST);
+    let header = req.headers().get("x-access-token").map(|v| v.to_str().unwrap_or_default());
+    if !exempt && !is_files && !header.is_some_and(|presented| token.matches(presented)) {
+        return Err(AccessError::MissingToken);
+    }
+    check_basic_user(req)?;
+    if exempt || !is_files {
         return Ok(());
     }
-    let header = req.headers().get("x-access-token").map(|v| v.to_str().unwrap_or_default());
-    let is_files = path == "/files" && (req.method() == Method::GET || req.method() == Method::POST);
     match header {
         Some(presented) if token.matches(presented) => Ok(()),
-        Some(_) if is_files => Err(AccessError::HeaderMismatch),
-        Some(_) => Err(AccessError::MissingToken),
-        None if is_files => check_signature(req, token, now),
-        None => Err(AccessError::MissingToken),
+        Some(_) => Err(AccessError::HeaderMismatch),
+        None => check_signature(req, token, now),
     }
 }
 
@@ -305,6 +311,26 @@ mod tests {
         let mut rpc = req(Method::POST, "/process.Process/List", None);
         rpc.headers_mut().insert("authorization", "Basic bm9ib2R5LWF0LWFsbDo=".parse().unwrap());
         assert_eq!(check(&rpc, None, now()), Ok(()), "RPCs answer in their own protocol");
+    }
+
+    #[test]
+    fn the_token_gate_runs_before_the_user_lookup() {
+        // envd's order (http.md §1.3): without the token a client learns nothing, not even
+        // whether a user exists.
+        let tok = token("secret");
+        let basic = |mut r: Request<()>| {
+            r.headers_mut().insert("authorization", "Basic bm9ib2R5LWF0LWFsbDo=".parse().unwrap());
+            r
+        };
+        let metrics = basic(req(Method::GET, "/metrics", None));
+        assert_eq!(check(&metrics, Some(&tok), now()), Err(AccessError::MissingToken));
+        let metrics = basic(req(Method::GET, "/metrics", Some("secret")));
+        assert_eq!(check(&metrics, Some(&tok), now()), Err(AccessError::UnknownUser("nobody-at-all".into())));
+        // Routes the gate exempts still meet the user lookup.
+        let health = basic(req(Method::GET, "/health", None));
+        assert_eq!(check(&health, Some(&tok), now()), Err(AccessError::UnknownUser("nobody-at-all".into())));
+        let files = basic(req(Method::GET, "/files?path=/x", None));
+        assert_eq!(check(&files, Some(&tok), now()), Err(AccessError::UnknownUser("nobody-at-all".into())));
     }
 
     fn urlenc(s: &str) -> String {
