@@ -52,11 +52,11 @@ impl Default for MetricsSource {
 
 impl MetricsSource {
     pub fn new() -> MetricsSource {
-        MetricsSource { last_cpu: Mutex::new(cpu_sample().ok()) }
+        MetricsSource { last_cpu: Mutex::new(read_stat().ok().map(|(sample, _)| sample)) }
     }
 
     pub fn collect(&self) -> Result<Metrics, MetricsError> {
-        let now = cpu_sample()?;
+        let (now, cpu_count) = read_stat()?;
         let previous = self.last_cpu.lock().unwrap_or_else(|p| p.into_inner()).replace(now);
         let cpu_used_pct = previous.map_or(0.0, |prev| cpu_percent(prev, now));
         let mem = meminfo()?;
@@ -67,7 +67,7 @@ impl MetricsSource {
         const MIB: u64 = 1 << 20;
         Ok(Metrics {
             ts: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_count,
             cpu_used_pct: (cpu_used_pct * 100.0).round() / 100.0,
             mem_total_mib: mem.total / MIB,
             mem_used_mib: mem.used / MIB,
@@ -86,10 +86,23 @@ fn cpu_percent((total0, idle0): CpuSample, (total1, idle1): CpuSample) -> f32 {
     if total == 0 { 0.0 } else { (total - idle.min(total)) as f32 * 100.0 / total as f32 }
 }
 
-fn cpu_sample() -> Result<CpuSample, MetricsError> {
+/// The aggregate CPU sample and the number of logical CPUs, from one read of `/proc/stat`.
+fn read_stat() -> Result<(CpuSample, usize), MetricsError> {
     const PATH: &str = "/proc/stat";
     let stat = std::fs::read_to_string(PATH).map_err(|source| MetricsError::Read { path: PATH, source })?;
-    parse_cpu_line(&stat).ok_or(MetricsError::Missing { path: PATH, field: "cpu line" })
+    let sample = parse_cpu_line(&stat).ok_or(MetricsError::Missing { path: PATH, field: "cpu line" })?;
+    Ok((sample, count_cpus(&stat)))
+}
+
+/// Logical CPUs: one `cpuN` line each (gopsutil's `cpu.Counts(true)`, what envd reports, and
+/// the CPUs the aggregate `cpu` line sums over). Not `available_parallelism`, which counts
+/// only the CPUs guestd's own affinity mask and cgroup quota let it use.
+fn count_cpus(stat: &str) -> usize {
+    let n = stat
+        .lines()
+        .filter(|l| l.strip_prefix("cpu").is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit())))
+        .count();
+    n.max(1)
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`; guest time is
@@ -141,6 +154,8 @@ mod tests {
     fn cpu_percent_from_two_samples() {
         let stat = "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n";
         assert_eq!(parse_cpu_line(stat), Some((1000, 800)));
+        assert_eq!(count_cpus(stat), 1);
+        assert_eq!(count_cpus("cpu  1 2 3 4\ncpu0 1 2 3 4\ncpu1 1 2 3 4\nintr 5\n"), 2);
         assert_eq!(cpu_percent((1000, 800), (2000, 1300)), 50.0);
         assert_eq!(cpu_percent((1000, 800), (1000, 800)), 0.0);
     }

@@ -351,3 +351,39 @@ async fn a_malformed_signature_expiration_is_a_bad_request() {
     assert_eq!(resp.json(), json!({"code": 400, "message": "invalid signature_expiration: 'soon'"}));
     server.stop().await;
 }
+
+/// `cpu_count` is the machine's logical CPUs, as gopsutil's `cpu.Counts(true)` reports for envd
+/// (and the CPUs `cpu_used_pct` is computed over): not the CPUs guestd's own affinity or cgroup
+/// quota lets it use. Runs the binary pinned to one CPU (`taskset`); meaningful on a host with
+/// more than one.
+#[tokio::test]
+async fn metrics_count_every_cpu_not_only_guestds_own() {
+    let online = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.strip_prefix("cpu").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit())))
+        .count();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut child = std::process::Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            env!("CARGO_BIN_EXE_guestd"),
+            "--listen",
+            &addr.to_string(),
+            "--start-config",
+            "/nonexistent",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("taskset runs");
+    let up = eventually_async(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
+        .await;
+    let m = if up { Some(get(addr, "/metrics", &[]).await.json()) } else { None };
+    let _ = child.kill();
+    let _ = child.wait();
+    let m = m.expect("guestd came up");
+    assert_eq!(m["cpu_count"].as_u64(), Some(online as u64), "{m}");
+}
