@@ -470,7 +470,9 @@ mod tests {
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
     }
 
-    /// Reset VmHWM to the current RSS (Linux >= 4.0).
+    /// Reset VmHWM to the current RSS (Linux >= 4.0). Other tests run in parallel threads of
+    /// this process, so the bounds below leave room for their allocations: the bugs they guard
+    /// against cost 300-400 MiB.
     fn reset_peak_rss() {
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
     }
@@ -485,7 +487,7 @@ mod tests {
         let before = peak_rss_mib();
         codec.request_to_proto(Codec::Proto, &payload, true, &mut out).unwrap();
         let grew = peak_rss_mib().saturating_sub(before);
-        assert!(grew < 64, "checking a 16 MiB request took {grew} MiB more memory");
+        assert!(grew < 160, "checking a 16 MiB request took {grew} MiB more memory");
         assert_eq!(&out[..], &payload[..]);
     }
 
@@ -503,7 +505,7 @@ mod tests {
         let before = peak_rss_mib();
         let err = codec.request_to_proto(Codec::Json, &json, true, &mut out);
         let grew = peak_rss_mib().saturating_sub(before);
-        assert!(grew < 64, "decoding a 16 MiB request took {grew} MiB more memory");
+        assert!(grew < 160, "decoding a 16 MiB request took {grew} MiB more memory");
         assert!(matches!(err, Err(ConnectProtocolError::TooManyValues { .. })), "{err:?}");
         // A large but real argv (and strings full of separators) still goes through.
         let args: Vec<String> = (0..100_000).map(|i| format!("a,[{{:\"}}{i}")).collect();
