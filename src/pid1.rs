@@ -30,6 +30,14 @@ const MOUNTS: &[(&str, &str, &str)] = &[
     ("tmpfs", "/tmp", "mode=1777"),
 ];
 
+/// `kernel.pid_max` in a VM, as systemd sets it (`50-pid-max.conf`); the kernel's default on a
+/// small machine is 32768. A process stays listed after its leader is reaped while an escaped
+/// descendant holds its output, and signals then go to its group by number: the later pids
+/// wrap around, the less likely that number names a newer group by then.
+const PID_MAX: u64 = 4_194_304;
+
+const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
+
 /// True when this process is PID 1 of its PID namespace.
 pub fn is_pid1() -> bool {
     std::process::id() == 1
@@ -62,8 +70,24 @@ pub fn setup() -> Pid1 {
     reaper::set_adopt_orphans(true);
     // Kernel threads live only in the initial PID namespace: kthreadd is always pid 2 there.
     let power_off = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    if power_off {
+        // The machine is ours (a container shares the host's, which is not ours to change).
+        raise_pid_max();
+    }
     tracing::info!(power_off, "running as PID 1");
     Pid1 { power_off, deadline: OnceLock::new() }
+}
+
+/// Raises `kernel.pid_max` to [`PID_MAX`] unless it is already that high.
+fn raise_pid_max() {
+    let current = std::fs::read_to_string(PID_MAX_PATH).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if current.is_some_and(|current| current >= PID_MAX) {
+        return;
+    }
+    match std::fs::write(PID_MAX_PATH, PID_MAX.to_string()) {
+        Ok(()) => tracing::info!(from = ?current, to = PID_MAX, "raised kernel.pid_max"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise kernel.pid_max"),
+    }
 }
 
 impl Pid1 {

@@ -330,6 +330,11 @@ async fn drive(vm: &mut Vm) {
 
     // ---- guestd is PID 1 of a real kernel ----
     assert_eq!(sh(&client, "cat /proc/1/comm").await.trim(), "guestd");
+    assert_eq!(
+        sh(&client, "cat /proc/sys/kernel/pid_max").await.trim(),
+        "4194304",
+        "guestd raises pid_max as systemd does"
+    );
     let kernel = sh(&client, "uname -r").await.trim().to_owned();
     let clocksource = sh(&client, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource").await;
     // When guestd started listening, on the guest clock: its log line's wall-clock time minus
