@@ -239,6 +239,90 @@ async fn signals_reach_the_whole_process_group() {
     server.stop().await;
 }
 
+/// Holds every exec of one file until released: what a binary on a stuck FUSE or NFS mount does
+/// to `execve` (and to the vfork parent waiting for it), here with a fanotify permission event.
+struct HeldExec {
+    path: std::path::PathBuf,
+    held: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl HeldExec {
+    /// None (and why) where fanotify permission events are not available (not root, no kernel support).
+    fn new() -> Result<HeldExec, String> {
+        use nix::sys::fanotify::*;
+        let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)
+            .map_err(|e| format!("fanotify_init: {e}"))?;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held-true");
+        std::fs::copy("/bin/true", &path).unwrap();
+        fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_EXEC_PERM, nix::fcntl::AT_FDCWD, Some(&path))
+            .map_err(|e| format!("fanotify_mark(FAN_OPEN_EXEC_PERM): {e}"))?;
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            // Closing the fanotify descriptor (on return or a panic) allows every pending exec.
+            let events = fan.read_events().unwrap();
+            let _ = held_tx.send(());
+            let _ = release_rx.recv();
+            for event in &events {
+                if let Some(fd) = event.fd() {
+                    fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW)).unwrap();
+                }
+            }
+        });
+        Ok(HeldExec { path, held, release, _dir: dir })
+    }
+}
+
+/// A command whose exec hangs holds up nothing else: other commands start, run, end and take
+/// signals meanwhile, and the held one runs once its exec proceeds (before, the spawn held the
+/// reaper's lock and a runtime worker for as long as the exec hung: guestd stopped starting or
+/// ending any process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_exec_holds_up_no_other_process() {
+    let held = match HeldExec::new() {
+        Ok(held) => held,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let server = TestServer::start().await;
+    let mut client = server.grpc().await;
+    let mut hung_client = client.clone();
+    let hung_cmd = held.path.to_str().unwrap().to_owned();
+    let hung = tokio::spawn(async move { run(&mut hung_client, start_request(&hung_cmd, &[])).await });
+    tokio::task::spawn_blocking(move || held.held.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the exec was never attempted");
+
+    let others = async {
+        let out = run(&mut client, sh("echo meanwhile")).await;
+        assert_eq!((out.stdout.as_slice(), out.exit_code()), (&b"meanwhile\n"[..], 0));
+        let mut stream = client.start(sh("echo up; sleep 1000")).await.unwrap().into_inner();
+        let mut out = Outcome::default();
+        while out.stdout != b"up\n" {
+            out.add(stream.message().await.unwrap().unwrap().event.unwrap());
+        }
+        let request = SendSignalRequest { process: common::pid(out.pid.unwrap()), signal: Signal::Sigkill as i32 };
+        client.send_signal(request).await.unwrap();
+        while let Some(msg) = stream.message().await.unwrap() {
+            out.add(msg.event.unwrap());
+        }
+        assert_eq!(out.status(), "signal: killed");
+    };
+    tokio::time::timeout(Duration::from_secs(20), others).await.expect("other commands were held up by a hung exec");
+    assert!(!hung.is_finished(), "the held command must still be starting");
+
+    held.release.send(()).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), hung).await.expect("released exec").unwrap();
+    assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn timeout_kills_the_tree_and_ends_the_stream() {
     let server = TestServer::start().await;

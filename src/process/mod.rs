@@ -401,8 +401,22 @@ impl ProcessManager {
 
     /// Spawns and registers the process; the returned subscription is attached BEFORE the child
     /// runs, so the starter sees every byte. Spawn failure -> Err, nothing registered.
+    ///
+    /// The spawn runs on the blocking pool: it stats the cwd and the `PATH` directories, and its
+    /// vfork waits for the exec, each of which can hang on a stuck mount (FUSE, NFS) where a
+    /// runtime worker must never wait. Once started it completes even if the caller goes away,
+    /// so a client that vanishes mid-spawn leaves a listed, supervised process.
     #[tracing::instrument(skip_all, fields(cmd = %spec.command.cmd, user = %spec.user.name, pid))]
     pub async fn start(&self, spec: StartSpec) -> Result<Attached, ProcessError> {
+        let this = self.clone();
+        let span = tracing::Span::current();
+        let cmd = spec.command.cmd.clone();
+        tokio::task::spawn_blocking(move || span.in_scope(|| this.start_blocking(spec)))
+            .await
+            .map_err(|join| ProcessError::Spawn { cmd, source: std::io::Error::other(join) })?
+    }
+
+    fn start_blocking(&self, spec: StartSpec) -> Result<Attached, ProcessError> {
         if self.inner.closing.load(Ordering::SeqCst) {
             return Err(ProcessError::Spawn {
                 cmd: spec.command.cmd,

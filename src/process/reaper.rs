@@ -12,17 +12,19 @@
 //! and a wake-up back (two thread hops on every command's round trip). Whichever of the two
 //! collects the child first sends the status; the other finds nothing to do.
 //!
-//! Invariant: the table mutex serialises *spawning* and *reaping*. A child is forked, exec'd
-//! and registered while [`spawn`] holds the lock, and every `waitpid` happens under the same
-//! lock, so the reaper can never reap a child before it is registered, and can never steal the
-//! status `sys::spawn` collects itself when `exec` fails. For the same reason a
-//! registered pid is never reused while registered, so [`signal_group`] (also under the lock)
-//! cannot hit a stranger's process group.
+//! Invariant: every `waitpid` happens under the table mutex, and a child is registered in the
+//! table before anyone but its spawner may reap it. The fork and exec themselves run *without*
+//! the lock: an exec can hang (a binary or a cwd on a stuck FUSE or NFS mount), and the lock
+//! must never wait for it, or every other process's exit and signal would. While a spawn is in
+//! flight ([`Table::spawning`]) the PID-1 reaper leaves unknown children alone (one may be the
+//! new child, or a child whose exec failed, which `sys::spawn` collects itself) and the spawner
+//! reaps them once it has registered its child. A registered pid is unreaped, so it is never
+//! reused while registered, and [`signal_group`] (under the lock) cannot hit a stranger's group.
 //!
-//! In PID-1 mode ([`set_adopt_orphans`]) the reaper calls `waitpid(-1)` instead, so orphaned
-//! grandchildren re-parented to guestd do not pile up as zombies; unknown pids are reaped
-//! silently. Nothing else in guestd may then wait for children: `tokio::process` is banned in
-//! `clippy.toml` for exactly this reason.
+//! In PID-1 mode ([`set_adopt_orphans`]) the reaper also reaps children it does not know, so
+//! orphaned grandchildren re-parented to guestd do not pile up as zombies; unknown pids are
+//! reaped silently. Nothing else in guestd may then wait for children: `tokio::process` is
+//! banned in `clippy.toml` for exactly this reason.
 
 use std::collections::HashMap;
 use std::io;
@@ -81,11 +83,21 @@ impl Exit {
 /// Linux; this only keeps guestd working, slowly, if signal registration ever fails).
 const FALLBACK_POLL: Duration = Duration::from_millis(50);
 
-static TABLE: OnceLock<Mutex<HashMap<i32, oneshot::Sender<Outcome>>>> = OnceLock::new();
+/// The registered children and the spawns in flight.
+#[derive(Default)]
+struct Table {
+    /// Registered (hence unreaped) children and where their outcome goes.
+    children: HashMap<i32, oneshot::Sender<Outcome>>,
+    /// Spawns between fork and registration: until they are done, an ended child the table
+    /// does not know may be one of theirs.
+    spawning: usize,
+}
+
+static TABLE: OnceLock<Mutex<Table>> = OnceLock::new();
 static ADOPT_ORPHANS: AtomicBool = AtomicBool::new(false);
 static START: Once = Once::new();
 
-fn table() -> MutexGuard<'static, HashMap<i32, oneshot::Sender<Outcome>>> {
+fn table() -> MutexGuard<'static, Table> {
     TABLE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -129,30 +141,64 @@ pub fn set_adopt_orphans(adopt: bool) {
     ensure_started();
 }
 
-/// Runs `start` (which spawns a child and returns its pid) and registers the child, atomically
-/// with respect to the reaper: `start` may itself reap a child whose exec failed.
+/// Runs `start` (which spawns a child and returns its pid; it may itself reap a child whose
+/// exec failed) and registers the child. `start` runs without the table lock, so a hanging exec
+/// holds up only its own caller.
 pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, Exit)> {
     ensure_started();
-    let mut table = table();
+    let in_flight = InFlight::begin();
     let pid = start()?;
     let raw = i32::try_from(pid).map_err(io::Error::other)?;
-    // Under the lock the child is unreaped, so the pid still names it.
+    // Nobody reaps an unregistered child while this spawn is in flight: the pid still names it.
     let pidfd = wait::pidfd_open(raw)
         .inspect_err(|error| tracing::debug!(pid, %error, "no pidfd; the reaper thread reports this exit"))
         .ok();
     let (tx, reaped) = oneshot::channel();
-    table.insert(raw, tx);
-    drop(table);
-    // A SIGCHLD that arrived while we held the lock woke the reaper, which then waited for the
-    // lock and scans after us; nothing to do here.
+    in_flight.register(raw, tx);
     Ok((pid, Exit { pid: raw, reaped, pidfd }))
+}
+
+/// One spawn in flight ([`Table::spawning`]); ends by registering its child, or on drop (the
+/// spawn failed). Either way, the last one to end reaps the orphans the reaper left alone
+/// meanwhile (PID-1 mode).
+struct InFlight;
+
+impl InFlight {
+    fn begin() -> InFlight {
+        table().spawning += 1;
+        InFlight
+    }
+
+    fn register(self, pid: i32, tx: oneshot::Sender<Outcome>) {
+        let mut table = table();
+        table.children.insert(pid, tx);
+        // Its SIGCHLD may have been handled before it was registered.
+        if let Some(outcome) = try_collect(pid) {
+            report(&mut table, pid, outcome);
+        }
+        finish(&mut table);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        finish(&mut table());
+    }
+}
+
+fn finish(table: &mut Table) {
+    table.spawning -= 1;
+    if table.spawning == 0 && ADOPT_ORPHANS.load(Ordering::SeqCst) {
+        reap_locked(table);
+    }
 }
 
 /// Collects `pid` if it has ended and is still registered (a registered pid is unreaped, so it
 /// cannot have been recycled), and sends its outcome to its [`Exit`].
 fn collect_one(pid: i32) {
     let mut table = table();
-    if !table.contains_key(&pid) {
+    if !table.children.contains_key(&pid) {
         return; // the reaper thread was first
     }
     if let Some(outcome) = try_collect(pid) {
@@ -162,8 +208,8 @@ fn collect_one(pid: i32) {
 
 /// Unregisters `pid` and hands its outcome to its [`Exit`]. The receiver is gone only if its
 /// runtime shut down; the child is reaped anyway.
-fn report(table: &mut HashMap<i32, oneshot::Sender<Outcome>>, pid: i32, outcome: Outcome) {
-    if let Some(tx) = table.remove(&pid) {
+fn report(table: &mut Table, pid: i32, outcome: Outcome) {
+    if let Some(tx) = table.children.remove(&pid) {
         let _ = tx.send(outcome);
     }
 }
@@ -194,37 +240,46 @@ pub fn signal_group(pgid: u32, signal: NixSignal) -> io::Result<()> {
     let pgid = i32::try_from(pgid).map_err(io::Error::other)?;
     let table = table();
     match killpg(Pid::from_raw(pgid), signal) {
-        Err(nix::errno::Errno::ESRCH) if !table.contains_key(&pgid) => Ok(()),
+        Err(nix::errno::Errno::ESRCH) if !table.children.contains_key(&pgid) => Ok(()),
         result => Ok(result?),
     }
 }
 
 /// One scan: collect every ended child and notify its owner.
 fn reap() {
-    let mut table = table();
+    reap_locked(&mut table());
+}
+
+fn reap_locked(table: &mut Table) {
     if ADOPT_ORPHANS.load(Ordering::SeqCst) {
         loop {
-            match wait::try_wait_any() {
-                Ok(Some((pid, status))) => match table.remove(&pid) {
-                    Some(tx) => {
-                        let _ = tx.send(Outcome::Ended(status));
-                    }
-                    None => tracing::debug!(pid, ?status, "reaped an adopted orphan"),
-                },
-                Ok(None) => break,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => break,
+            // Peek first: an unknown child may belong to a spawn in flight.
+            let pid = match wait::peek_ended() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ECHILD) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "waitpid(-1) failed");
-                    break;
+                    tracing::warn!(%error, "waitid(P_ALL) failed");
+                    return;
                 }
+            };
+            if !table.children.contains_key(&pid) && table.spawning > 0 {
+                // The peek keeps naming this child until it is reaped: collect the registered
+                // ones one by one, and leave the rest to the last spawn in flight.
+                break;
+            }
+            match try_collect(pid) {
+                Some(outcome) if table.children.contains_key(&pid) => report(table, pid, outcome),
+                Some(outcome) => tracing::debug!(pid, ?outcome, "reaped an adopted orphan"),
+                // It ended (the peek said so) yet waitpid did not report it: stop rather than spin.
+                None => return,
             }
         }
-        return;
     }
     let ended: Vec<(i32, Outcome)> =
-        table.keys().filter_map(|&pid| try_collect(pid).map(|outcome| (pid, outcome))).collect();
+        table.children.keys().filter_map(|&pid| try_collect(pid).map(|outcome| (pid, outcome))).collect();
     for (pid, outcome) in ended {
-        report(&mut table, pid, outcome);
+        report(table, pid, outcome);
     }
 }
 

@@ -3,8 +3,9 @@
 //! Everything that can be checked is checked in the parent before the fork, so errors name their
 //! cause (missing cwd, executable not in the child's PATH, permission denied for the user)
 //! instead of surfacing as a bare errno from `exec`. The spawn itself (`sys::spawn`, a
-//! vfork-style clone) happens under the reaper's lock ([`reaper::spawn`]). The child's environment is an explicit value built
-//! here: nothing is inherited from guestd's own environment.
+//! vfork-style clone) is registered with the reaper ([`reaper::spawn`]). All of it runs on the
+//! blocking pool (see `ProcessManager::start`). The child's environment is an explicit value
+//! built here: nothing is inherited from guestd's own environment.
 
 use std::collections::HashSet;
 use std::ffi::CString;

@@ -129,18 +129,22 @@ struct ChildArgs {
 /// Stack of the child: it runs only `child_main` and raw syscalls (a few hundred bytes).
 const CHILD_STACK: usize = 64 * 1024;
 
-/// The children's stack: mapped once, with an inaccessible guard page below it, so a child that
-/// somehow ran off its stack would fault instead of writing over guestd's heap. One suffices:
-/// the calling thread sleeps until its child has exec'd or exited, and the mutex serialises
-/// spawns (which the reaper's lock already does in guestd).
+/// A child's stack, with an inaccessible guard page below it, so a child that somehow ran off
+/// its stack would fault instead of writing over guestd's heap. Each spawn in flight has its
+/// own: the calling thread sleeps until its child has exec'd or exited, which may take long (an
+/// exec from a stuck FUSE or NFS mount), and other spawns must not wait for it. Stacks are
+/// reused: up to [`SPARE_CHILD_STACKS`] wait in [`CHILD_STACKS`] for the next spawn.
 struct ChildStack {
     base: *mut c_void,
 }
 
-// SAFETY: the mapping is owned by the static below and only used under its mutex.
+// SAFETY: a private mapping with no shared references; whoever holds the value owns it.
 unsafe impl Send for ChildStack {}
 
-static CHILD_STACKS: Mutex<Option<ChildStack>> = Mutex::new(None);
+/// Stacks kept mapped between spawns (more than this only while spawns run concurrently).
+const SPARE_CHILD_STACKS: usize = 4;
+
+static CHILD_STACKS: Mutex<Vec<ChildStack>> = Mutex::new(Vec::new());
 
 impl ChildStack {
     fn map() -> io::Result<ChildStack> {
@@ -169,9 +173,30 @@ impl ChildStack {
         Ok(ChildStack { base })
     }
 
+    /// A spare stack, or a new one.
+    fn take() -> io::Result<ChildStack> {
+        let spare = CHILD_STACKS.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        spare.map_or_else(ChildStack::map, Ok)
+    }
+
+    /// Back to the spares (or unmapped when there are enough).
+    fn give_back(self) {
+        let mut spares = CHILD_STACKS.lock().unwrap_or_else(PoisonError::into_inner);
+        if spares.len() < SPARE_CHILD_STACKS {
+            spares.push(self);
+        }
+    }
+
     /// The 16-byte aligned top (stacks grow down).
     fn top(&self) -> *mut c_void {
         ((self.base as usize + page_size() + CHILD_STACK) & !15) as *mut c_void
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`; no child runs on it any more (its spawn returned).
+        unsafe { libc::munmap(self.base, CHILD_STACK + page_size()) };
     }
 }
 
@@ -184,8 +209,9 @@ fn page_size() -> usize {
 
 /// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
 ///
-/// The caller must make sure nothing else reaps the child in the meantime (guestd calls this
-/// under the reaper's lock): when a step fails, the exited child is reaped here.
+/// The caller must make sure nothing else reaps the child in the meantime (guestd's reaper leaves
+/// unknown children alone while a spawn is in flight): when a step fails, the exited child is
+/// reaped here. Concurrent calls do not wait for each other.
 pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io::Result<u32> {
     // Descriptors below 3 would be overwritten while installing the others: move them up
     // first (guestd normally has 0-2 open, so this only happens when it was started without).
@@ -218,18 +244,15 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         nofile: setup.nofile,
         report: &mut report,
     };
-    let mut stacks = CHILD_STACKS.lock().unwrap_or_else(PoisonError::into_inner);
-    let top = match &mut *stacks {
-        Some(stack) => stack.top(),
-        empty => empty.insert(ChildStack::map()?).top(),
-    };
+    let stack = ChildStack::take()?;
+    let top = stack.top();
 
     let (pid, clone_error) = {
         let _blocked = BlockedSignals::new()?;
         // SAFETY: `child_main` only makes raw syscalls on `args`, which (with everything it points
         // to) lives in this frame until clone returns; CLONE_VFORK suspends this thread until
         // the child has exec'd or exited, so the child's use of this memory ends before we go
-        // on. `top` is the aligned end of the guarded child stack, which `stacks` keeps ours.
+        // on. `top` is the aligned end of the guarded child stack `stack`, ours until returned.
         // All signals are blocked, so no handler runs on the child's stack.
         let pid = unsafe {
             libc::clone(
@@ -241,7 +264,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         };
         (pid, io::Error::last_os_error())
     };
-    drop(stacks);
+    stack.give_back();
     drop(moved);
     if pid < 0 {
         return Err(clone_error);

@@ -32,6 +32,28 @@ pub fn try_wait_any() -> io::Result<Option<(i32, WaitStatus)>> {
     wait_nohang(-1)
 }
 
+/// Non-blocking `waitid(P_ALL, WEXITED | WNOWAIT)`: the pid of an ended child, left unreaped (a
+/// later `waitpid` of that pid collects it). `Ok(None)` when none has ended; `ECHILD` when there
+/// are no children.
+pub fn peek_ended() -> io::Result<Option<i32>> {
+    loop {
+        // SAFETY: all-zero is a valid siginfo_t (plain integers and unions of them).
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live local the kernel fills; WNOHANG never blocks.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // SAFETY: waitid succeeded, so `info` is a SIGCHLD siginfo (si_pid 0 when none ended).
+        let pid = unsafe { info.si_pid() };
+        return Ok((pid != 0).then_some(pid));
+    }
+}
+
 fn wait_nohang(pid: i32) -> io::Result<Option<(i32, WaitStatus)>> {
     loop {
         let mut raw: libc::c_int = 0;
