@@ -18,6 +18,10 @@ static GLOBAL: guestd::sys::alloc::CachingAlloc = guestd::sys::alloc::CachingAll
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long the runtime waits for blocking tasks once serving has ended (connections and
+/// processes have had their grace period by then).
+const RUNTIME_SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse_from(translate_envd_flags(std::env::args()));
     if args.envd_version {
@@ -29,10 +33,22 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let modules = std::mem::take(&mut args.kernel_module);
-    let config = Config::from_args(args, &ProcessEnvironment)?;
-    init_logging(config.log_format);
-    // PID 1 mounts and adopts orphans before anything can spawn.
+    init_logging(args.log_format);
+    // PID 1 mounts and adopts orphans before anything can spawn, and before the configuration is
+    // read: it includes the kernel command line, and the kernel starts its init without /proc.
     let pid1 = guestd::pid1::is_pid1().then(|| std::sync::Arc::new(guestd::pid1::setup()));
+    let config = match Config::from_args(args, &ProcessEnvironment) {
+        Ok(config) => config,
+        Err(err) => {
+            // As PID 1, exiting would panic the kernel: say why and power the machine off instead.
+            if let Some(pid1) = pid1.and_then(std::sync::Arc::into_inner) {
+                tracing::error!(error = format!("{:#}", anyhow::Error::from(err)), "invalid configuration");
+                pid1.finish();
+                std::process::exit(1);
+            }
+            return Err(err.into());
+        }
+    };
     load_kernel_modules(&modules);
     match guestd::sys::limits::raise_nofile() {
         Ok(Some((from, to))) => tracing::info!(from, to, "raised the open-file limit; children get the original back"),
@@ -53,7 +69,9 @@ fn main() -> anyhow::Result<()> {
             .await;
         anyhow::Ok(())
     });
-    drop(runtime);
+    // Blocking tasks still running now are stuck (an exec or a read on a hung mount): do not
+    // wait for them, or a stuck mount would keep PID 1 from ever powering off.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_LIMIT);
     if let Err(err) = &served {
         tracing::error!(error = format!("{err:#}"), "guestd failed");
     }
