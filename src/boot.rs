@@ -275,8 +275,15 @@ impl Boot {
             }
         }
         let cmd = loop {
-            let cmd = self.lock().override_cmd.clone().or_else(|| self.config.cmd.clone());
-            match cmd {
+            // Chosen and marked started in one critical section: an /init startCmd arriving from
+            // then on is refused as too late, never stored and silently dropped.
+            let chosen = {
+                let mut state = self.lock();
+                let cmd = state.override_cmd.clone().or_else(|| self.config.cmd.clone());
+                state.started = cmd.is_some();
+                cmd
+            };
+            match chosen {
                 Some(cmd) => break cmd,
                 None => {
                     self.set_phase(Phase::NoCommand);
@@ -288,7 +295,6 @@ impl Boot {
             }
         };
         if self.config.marker.exists() {
-            self.lock().started = true;
             self.set_phase(Phase::StartedBefore);
             return;
         }
@@ -309,7 +315,6 @@ impl Boot {
             timeout: None,
             replay: true,
         };
-        self.lock().started = true;
         mark_started(&self.config.marker);
         let mut attached = match processes.start(spec.clone()).await {
             Ok(attached) => attached,
