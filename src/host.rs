@@ -62,8 +62,9 @@ impl MetricsSource {
         let mem = meminfo()?;
         let disk = nix::sys::statvfs::statvfs("/").map_err(MetricsError::Statfs)?;
         let block = disk.fragment_size();
-        let disk_total = disk.blocks() * block;
-        let disk_used = (disk.blocks() - disk.blocks_available()) * block;
+        // Saturating: the numbers are whatever a filesystem (FUSE, network) chooses to report.
+        let disk_total = disk.blocks().saturating_mul(block);
+        let disk_used = disk.blocks().saturating_sub(disk.blocks_available()).saturating_mul(block);
         const MIB: u64 = 1 << 20;
         Ok(Metrics {
             ts: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),

@@ -47,7 +47,8 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 /// `POST /init`: configure the sandbox. Unset fields leave guestd's settings alone.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// `Debug` shows whether a token is set, never the token.
+#[derive(Clone, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InitRequest {
     /// Env vars for every later process; replaces the set of any earlier `/init`.
@@ -66,6 +67,19 @@ pub struct InitRequest {
     /// guestd extension: replaces the start command if it has not started yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_cmd: Option<String>,
+}
+
+impl std::fmt::Debug for InitRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitRequest")
+            .field("env_vars", &self.env_vars)
+            .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
+            .field("timestamp", &self.timestamp)
+            .field("default_user", &self.default_user)
+            .field("default_workdir", &self.default_workdir)
+            .field("start_cmd", &self.start_cmd)
+            .finish()
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(value: &Option<SystemTime>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -336,4 +350,19 @@ fn partial_path(local: &Path) -> PathBuf {
     let mut name = local.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".guestctl-partial-{}", std::process::id()));
     local.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let request = InitRequest { access_token: Some("s3cret-token".into()), ..InitRequest::default() };
+        let options = super::super::ClientOptions { access_token: Some("s3cret-token".into()), ..Default::default() };
+        for shown in [format!("{request:?}"), format!("{options:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+    }
 }

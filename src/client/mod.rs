@@ -44,8 +44,9 @@ pub use crate::proto::process::ProcessInfo;
 use crate::proto::filesystem::filesystem_client::FilesystemClient;
 use crate::proto::process::process_client::ProcessClient;
 
-/// Who the client acts as and how it gets there.
-#[derive(Debug, Clone, Default)]
+/// Who the client acts as and how it gets there. `Debug` shows whether a token is set, never
+/// the token.
+#[derive(Clone, Default)]
 pub struct ClientOptions {
     pub connect: ConnectOptions,
     /// User for RPCs (`Authorization: Basic`) and `/files` (`username=`); guestd's default user
@@ -53,6 +54,16 @@ pub struct ClientOptions {
     pub user: Option<String>,
     /// Sent as `X-Access-Token` once the sandbox has one (set by `/init`).
     pub access_token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("connect", &self.connect)
+            .field("user", &self.user)
+            .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Why a call failed.
