@@ -323,6 +323,21 @@ async fn a_hung_exec_holds_up_no_other_process() {
     server.stop().await;
 }
 
+/// tonic's decoder turns each repeated element into a value of its own (a 16 MiB request of
+/// empty args: ~200 MiB); native gRPC requests are checked first, as Connect ones are.
+#[tokio::test]
+async fn a_request_with_too_many_values_is_refused_before_decoding() {
+    let server = TestServer::start().await;
+    let mut client = server.grpc().await;
+    let args = vec![""; 300_000];
+    let err = client.start(start_request("/bin/true", &args)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("more than 262144 values"), "{}", err.message());
+    let out = run(&mut client, start_request("/bin/echo", &vec!["x"; 1000])).await;
+    assert_eq!(out.stdout.len(), 2000, "a request under the limit still runs");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn timeout_kills_the_tree_and_ends_the_stream() {
     let server = TestServer::start().await;

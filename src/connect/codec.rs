@@ -41,6 +41,20 @@ impl MethodCodec {
         Self { input, output, fast }
     }
 
+    /// Checks a protobuf request message without building it (see `Check`): tonic would report
+    /// undecodable input as `internal`, Connect and gRPC clients get `invalid_argument`; more
+    /// than [`MAX_VALUES`] values get `resource_exhausted`.
+    pub fn check_proto(&self, payload: &[u8]) -> Result<(), ConnectProtocolError> {
+        let mut fields = 0;
+        Check { desc: self.input.clone(), fields: &mut fields }.merge(payload).map_err(|source| {
+            ConnectProtocolError::InvalidProto { message: self.input.full_name().to_owned(), source }
+        })?;
+        if fields > MAX_VALUES {
+            return Err(ConnectProtocolError::TooManyValues { max: MAX_VALUES });
+        }
+        Ok(())
+    }
+
     /// Append the protobuf encoding of a client request message to `out`.
     ///
     /// `unary` distinguishes an empty unary JSON body (an error, as in connect-go) from an
@@ -54,15 +68,7 @@ impl MethodCodec {
     ) -> Result<(), ConnectProtocolError> {
         match codec {
             Codec::Proto => {
-                // tonic would report undecodable input as `internal`; Connect says
-                // `invalid_argument`, so check here (without building the message: see `Check`).
-                let mut fields = 0;
-                Check { desc: self.input.clone(), fields: &mut fields }.merge(payload).map_err(|source| {
-                    ConnectProtocolError::InvalidProto { message: self.input.full_name().to_owned(), source }
-                })?;
-                if fields > MAX_VALUES {
-                    return Err(ConnectProtocolError::TooManyValues { max: MAX_VALUES });
-                }
+                self.check_proto(payload)?;
                 out.put_slice(payload);
             }
             Codec::Json => {
