@@ -620,3 +620,30 @@ async fn an_atomic_upload_looks_like_writing_the_target() {
     assert_eq!(report, [Create, Chmod, Write], "{seen:?}");
     assert!(!seen.iter().any(|(_, n)| n.contains("guestd-upload")), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_watched_tree_whose_ancestor_is_renamed_never_loses_events_silently() {
+    let base = tempfile::tempdir().unwrap();
+    fs::create_dir_all(base.path().join("old/root/sub")).unwrap();
+    let m = manager();
+    let mut s = m.watch(&base.path().join("old/root"), recursive()).unwrap();
+
+    // The watches follow the directories (inodes); only the paths guestd knows them by change.
+    fs::rename(base.path().join("old"), base.path().join("new")).unwrap();
+    fs::File::create(base.path().join("new/root/sub/f")).unwrap();
+    assert_eq!(next_n(&mut s, 1).await, [ev(Create, "sub/f")]);
+
+    // A directory created now cannot be found by the path guestd knows (inotify does not tell
+    // where the tree went): the watch ends saying so, after reporting the directory.
+    fs::create_dir(base.path().join("new/root/made")).unwrap();
+    assert_eq!(next_n(&mut s, 1).await, [ev(Create, "made")]);
+    tokio::time::sleep(QUIET).await;
+    fs::File::create(base.path().join("new/root/made/g")).unwrap();
+    match timeout(WAIT, s.next()).await {
+        Ok(Some(Err(err))) => {
+            let message = err.to_string();
+            assert!(message.contains("made") && message.contains("moved or removed"), "{message}");
+        }
+        other => panic!("made/g was lost silently: {other:?}"),
+    }
+}

@@ -60,6 +60,7 @@ impl From<WatchError> for Status {
             WatchError::NotADirectory { .. } | WatchError::NetworkMount { .. } => Code::InvalidArgument,
             WatchError::WatchLimit { .. } | WatchError::TooManyWatchers { .. } => Code::ResourceExhausted,
             WatchError::QueueOverflow { .. } | WatchError::SubscriberOverflow { .. } => Code::DataLoss,
+            WatchError::Moved { .. } => Code::FailedPrecondition,
             _ => Code::Internal,
         };
         Status::new(code, crate::error_chain(&err))

@@ -8,7 +8,7 @@ use nix::errno::Errno;
 
 /// Why a watch could not be created, or why it ended.
 ///
-/// Terminal errors (the last four before [`WatchError::WatcherNotFound`]) end a stream after the
+/// Terminal errors (the last five before [`WatchError::WatcherNotFound`]) end a stream after the
 /// events queued before them, and are returned by every later `take_events` of a polling watcher.
 /// That is why the enum is `Clone` (its OS errors are shared through `Arc`).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,6 +35,15 @@ pub enum WatchError {
         #[source]
         source: Errno,
     },
+    /// A directory created in a recursively watched tree could not be watched because the path
+    /// the tree was watched under no longer leads to it: the watched directory, or one above it,
+    /// was renamed (inotify does not report renames above a watched directory) or removed.
+    /// `path` is the stale path of the new directory.
+    #[error(
+        "cannot watch new directory {}: the watched directory or one above it was moved or removed; watch it again at its new path",
+        .path.display()
+    )]
+    Moved { path: PathBuf },
     /// The kernel's inotify queue (`fs.inotify.max_queued_events`) overflowed: events were lost
     /// for every watcher of this agent, so each one ends with this error.
     #[error(

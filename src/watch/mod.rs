@@ -288,9 +288,9 @@ impl WatchManager {
                     match tree.add_child(&shared.inotify, dir, &name) {
                         Ok(Some(child)) => stack.push(child),
                         Ok(None) => {}
-                        Err((path, source)) => {
+                        Err(err) => {
                             tree.unsubscribe(&shared.inotify, sub);
-                            return Err(WatchError::WatchLimit { path, source });
+                            return Err(err);
                         }
                     }
                 }

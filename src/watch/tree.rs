@@ -82,8 +82,8 @@ struct Node {
     /// Name inside `parent` (meaningful when `parent` is set).
     name: OsString,
     /// Absolute path (meaningful when `parent` is not set): the path the directory was first
-    /// watched under. Renames of unwatched ancestors make it stale; that only costs watches of
-    /// directories created later below it (they fail and are skipped).
+    /// watched under. A rename of an unwatched ancestor makes it stale, which
+    /// [`Tree::add_child`] detects when a new directory cannot be found.
     top: PathBuf,
     children: HashMap<OsString, Wd>,
     /// Subscribers whose root this directory is.
@@ -233,14 +233,22 @@ impl Tree {
     /// Watches the subdirectory `name` of the watched directory `parent` and links it into the
     /// tree. `Ok(None)`: nothing to watch (vanished, not a directory, a symlink, unwatchable, or
     /// the same directory as an ancestor through a bind mount). `Err`: the watch limit, with the
-    /// directory that could not be watched.
-    pub fn add_child(&mut self, ino: &Inotify, parent: Wd, name: &OsStr) -> Result<Option<Wd>, (PathBuf, Errno)> {
+    /// directory that could not be watched, or a tree whose paths went stale (below).
+    ///
+    /// Paths are built from the path the tree's top directory was watched under. inotify
+    /// reports nothing when a directory *above* it is renamed, so that path can go stale; a new
+    /// subdirectory then cannot be found by path and would be skipped silently, with everything
+    /// created in it. When a directory turns out missing, the top's path is checked again
+    /// (re-adding a watch on a watched inode returns its existing descriptor); if it no longer
+    /// leads to the top, [`WatchError::Moved`] ends the watchers concerned.
+    pub fn add_child(&mut self, ino: &Inotify, parent: Wd, name: &OsStr) -> Result<Option<Wd>, WatchError> {
         let Some(path) = self.path_of(parent).map(|p| p.join(name)) else {
             return Ok(None);
         };
         let wd = match self.add_watch(ino, &path, AddWatchFlags::IN_DONT_FOLLOW) {
             Ok(wd) => wd,
-            Err(Errno::ENOSPC) => return Err((path, Errno::ENOSPC)),
+            Err(Errno::ENOSPC) => return Err(WatchError::WatchLimit { path, source: Errno::ENOSPC }),
+            Err(Errno::ENOENT) if !self.top_path_holds(ino, parent) => return Err(WatchError::Moved { path }),
             Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(None),
             Err(errno) => {
                 tracing::warn!(path = %path.display(), %errno, "cannot watch directory; its changes will be missed");
@@ -258,6 +266,29 @@ impl Tree {
             self.set_child(parent, name, wd);
         }
         Ok(Some(wd))
+    }
+
+    /// Whether the path of `wd`'s top directory still names that directory.
+    fn top_path_holds(&self, ino: &Inotify, wd: Wd) -> bool {
+        let mut top = wd;
+        for _ in 0..=self.nodes.len() {
+            match self.nodes.get(&top).and_then(|n| n.parent) {
+                Some(parent) => top = parent,
+                None => break,
+            }
+        }
+        let Some(node) = self.nodes.get(&top) else { return false };
+        // The same mask as every watch: on the watched inode this changes nothing.
+        match ino.add_watch(&node.top, MASK) {
+            Ok(found) if found == top => true,
+            Ok(found) => {
+                if !self.nodes.contains_key(&found) {
+                    let _ = ino.rm_watch(found);
+                }
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Handles one read of the inotify fd, in kernel order.
@@ -405,7 +436,7 @@ impl Tree {
                 match self.add_child(ino, wd, name) {
                     Ok(Some(dir)) => self.walk_new(ino, dir, &targets),
                     Ok(None) => {}
-                    Err((path, errno)) => self.fail_limit(ino, &targets, path, errno),
+                    Err(err) => self.fail_all(ino, &targets, err),
                 }
             }
             if let Some(dir) = moved {
@@ -438,8 +469,8 @@ impl Tree {
                 match self.add_child(ino, dir, &name) {
                     Ok(Some(child)) => stack.extend(self.frame(child, targets)),
                     Ok(None) => {}
-                    Err((path, errno)) => {
-                        self.fail_limit(ino, targets, path, errno);
+                    Err(err) => {
+                        self.fail_all(ino, targets, err);
                         return;
                     }
                 }
@@ -453,9 +484,9 @@ impl Tree {
         Some(Frame { dir, entries: entries.into_iter(), audience })
     }
 
-    fn fail_limit(&mut self, ino: &Inotify, targets: &[SubId], path: PathBuf, source: Errno) {
+    fn fail_all(&mut self, ino: &Inotify, targets: &[SubId], err: WatchError) {
         for &sub in targets {
-            self.fail(ino, sub, WatchError::WatchLimit { path: path.clone(), source });
+            self.fail(ino, sub, err.clone());
         }
     }
 
@@ -755,7 +786,7 @@ mod tests {
         let mut tree = Tree::new(1);
         let (_, wd) = tree.subscribe(&ino, dir.path(), true, mailbox(dir.path())).unwrap();
         let err = tree.add_child(&ino, wd, OsStr::new("a")).unwrap_err();
-        assert_eq!(err, (dir.path().join("a"), Errno::ENOSPC));
+        assert!(matches!(err, WatchError::WatchLimit { path, source: Errno::ENOSPC } if path == dir.path().join("a")));
         assert_eq!(tree.watch_count(), 1);
     }
 }
