@@ -60,3 +60,100 @@ async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
     let status = tokio::task::spawn_blocking(move || unshare.wait()).await.unwrap().unwrap();
     assert!(status.success(), "guestd as PID 1 exited with {status}");
 }
+
+/// Holds every exec of one file until released (a fanotify permission event), as a binary on a
+/// stuck FUSE or NFS mount holds `execve`.
+struct HeldExec {
+    path: std::path::PathBuf,
+    held: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl HeldExec {
+    fn new() -> Result<HeldExec, String> {
+        use nix::sys::fanotify::*;
+        let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)
+            .map_err(|e| format!("fanotify_init: {e}"))?;
+        // Not under /tmp: guestd as PID 1 mounts a tmpfs there.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let path = dir.path().join("held-true");
+        std::fs::copy("/bin/true", &path).unwrap();
+        fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_EXEC_PERM, nix::fcntl::AT_FDCWD, Some(&path))
+            .map_err(|e| format!("fanotify_mark(FAN_OPEN_EXEC_PERM): {e}"))?;
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let events = fan.read_events().unwrap();
+            let _ = held_tx.send(());
+            let _ = release_rx.recv();
+            for event in &events {
+                if let Some(fd) = event.fd() {
+                    fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW)).unwrap();
+                }
+            }
+        });
+        Ok(HeldExec { path, held, release, _dir: dir })
+    }
+}
+
+/// A hung exec holds up only itself, orphan reaping included: while one spawn waits for its
+/// exec, an orphan that ends is still reaped (before, the PID-1 reaper left every unknown child
+/// alone while any spawn was in flight, so zombies piled up for as long as the exec hung).
+#[tokio::test]
+async fn pid1_reaps_orphans_while_an_exec_hangs() {
+    if !is_root() {
+        println!("SKIPPED pid1 test: needs root to create a PID namespace");
+        return;
+    }
+    let held = match HeldExec::new() {
+        Ok(held) => held,
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let port = 20_000 + ((std::process::id() + 1) % 10_000) as u16;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_guestd"), "--listen", &addr.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare runs");
+    let up = eventually_async(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
+        .await;
+    assert!(up, "guestd did not come up as PID 1");
+
+    // Ends guestd (unshare's child) however the test ends.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0)).unwrap_or_default();
+            if let Some(guestd) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(guestd), nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    }
+    let stop = Stop(unshare.id());
+
+    let req = json!({"process": {"cmd": held.path.to_str().unwrap()}, "stdin": false});
+    let hung = tokio::spawn(async move { connect_stream(addr, "/process.Process/Start", &[], &[req]).await });
+    let attempted = tokio::task::spawn_blocking(move || held.held.recv_timeout(Duration::from_secs(10))).await.unwrap();
+    if attempted.is_err() {
+        let resp = hung.await.unwrap();
+        panic!("the exec was never attempted: {:?}", resp.json_stream());
+    }
+
+    run_script(addr, "(sleep 0.2 &); exit 0").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let states = run_script(addr, "for f in /proc/[0-9]*/stat; do cut -d' ' -f2,3 $f; done").await;
+    let zombie = states.lines().any(|l| l.ends_with(" Z"));
+
+    held.release.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), hung).await;
+    drop(stop);
+    let status = tokio::task::spawn_blocking(move || unshare.wait()).await.unwrap().unwrap();
+    assert!(!zombie, "an orphan stayed a zombie while an exec hung:\n{states}");
+    assert!(status.success(), "guestd as PID 1 exited with {status}");
+}

@@ -15,11 +15,13 @@
 //! Invariant: every `waitpid` happens under the table mutex, and a child is registered in the
 //! table before anyone but its spawner may reap it. The fork and exec themselves run *without*
 //! the lock: an exec can hang (a binary or a cwd on a stuck FUSE or NFS mount), and the lock
-//! must never wait for it, or every other process's exit and signal would. While a spawn is in
-//! flight ([`Table::spawning`]) the PID-1 reaper leaves unknown children alone (one may be the
-//! new child, or a child whose exec failed, which `sys::spawn` collects itself) and the spawner
-//! reaps them once it has registered its child. A registered pid is unreaped, so it is never
-//! reused while registered, and [`signal_group`] (under the lock) cannot hit a stranger's group.
+//! must never wait for it, or every other process's exit and signal would. The kernel stores each
+//! new child's pid in its spawn's slot ([`Table::spawning`]) before the child runs, and the PID-1
+//! reaper leaves those children alone (one may have ended before it was registered, or failed
+//! its exec, which `sys::spawn` collects itself); each spawn, when done, reaps the orphans its
+//! child may have held up. Orphans are never held up by a spawn whose exec hangs: its child has
+//! not ended. A registered pid is unreaped, so it is never reused while registered, and
+//! [`signal_group`] (under the lock) cannot hit a stranger's group.
 //!
 //! In PID-1 mode ([`set_adopt_orphans`]) the reaper also reaps children it does not know, so
 //! orphaned grandchildren re-parented to guestd do not pile up as zombies; unknown pids are
@@ -29,8 +31,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal as NixSignal, killpg};
@@ -88,9 +90,17 @@ const FALLBACK_POLL: Duration = Duration::from_millis(50);
 struct Table {
     /// Registered (hence unreaped) children and where their outcome goes.
     children: HashMap<i32, oneshot::Sender<Outcome>>,
-    /// Spawns between fork and registration: until they are done, an ended child the table
-    /// does not know may be one of theirs.
-    spawning: usize,
+    /// Spawns in flight, each with the slot the kernel writes its child's pid into at clone
+    /// time (0 until then): until the spawn is done, that child is its spawner's to reap.
+    spawning: Vec<Arc<AtomicI32>>,
+}
+
+impl Table {
+    /// Whether `pid` is the child of a spawn in flight (or was, and its spawner has reaped it:
+    /// then the pid is left alone until that spawn is done, which reaps it if needed).
+    fn spawning(&self, pid: i32) -> bool {
+        self.spawning.iter().any(|slot| slot.load(Ordering::SeqCst) == pid)
+    }
 }
 
 static TABLE: OnceLock<Mutex<Table>> = OnceLock::new();
@@ -141,13 +151,13 @@ pub fn set_adopt_orphans(adopt: bool) {
     ensure_started();
 }
 
-/// Runs `start` (which spawns a child and returns its pid; it may itself reap a child whose
-/// exec failed) and registers the child. `start` runs without the table lock, so a hanging exec
-/// holds up only its own caller.
-pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, Exit)> {
+/// Runs `start` (which spawns a child, has the kernel store its pid in the given slot before the
+/// child runs, and returns that pid; it may itself reap a child whose exec failed) and registers
+/// the child. `start` runs without the table lock, so a hanging exec holds up only its own caller.
+pub fn spawn(start: impl FnOnce(&AtomicI32) -> io::Result<u32>) -> io::Result<(u32, Exit)> {
     ensure_started();
     let in_flight = InFlight::begin();
-    let pid = start()?;
+    let pid = start(&in_flight.child)?;
     let raw = i32::try_from(pid).map_err(io::Error::other)?;
     // Nobody reaps an unregistered child while this spawn is in flight: the pid still names it.
     let pidfd = wait::pidfd_open(raw)
@@ -159,14 +169,17 @@ pub fn spawn(start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, Exit)>
 }
 
 /// One spawn in flight ([`Table::spawning`]); ends by registering its child, or on drop (the
-/// spawn failed). Either way, the last one to end reaps the orphans the reaper left alone
-/// meanwhile (PID-1 mode).
-struct InFlight;
+/// spawn failed). Either way it then reaps the orphans the reaper may have left alone behind its
+/// ended child (PID-1 mode).
+struct InFlight {
+    child: Arc<AtomicI32>,
+}
 
 impl InFlight {
     fn begin() -> InFlight {
-        table().spawning += 1;
-        InFlight
+        let child = Arc::new(AtomicI32::new(0));
+        table().spawning.push(Arc::clone(&child));
+        InFlight { child }
     }
 
     fn register(self, pid: i32, tx: oneshot::Sender<Outcome>) {
@@ -176,21 +189,22 @@ impl InFlight {
         if let Some(outcome) = try_collect(pid) {
             report(&mut table, pid, outcome);
         }
-        finish(&mut table);
-        std::mem::forget(self);
+        self.finish(&mut table);
+    }
+
+    /// Idempotent: the first call (from `register` or `drop`) ends the spawn.
+    fn finish(&self, table: &mut Table) {
+        let Some(at) = table.spawning.iter().position(|slot| Arc::ptr_eq(slot, &self.child)) else { return };
+        table.spawning.swap_remove(at);
+        if ADOPT_ORPHANS.load(Ordering::SeqCst) {
+            reap_locked(table);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        finish(&mut table());
-    }
-}
-
-fn finish(table: &mut Table) {
-    table.spawning -= 1;
-    if table.spawning == 0 && ADOPT_ORPHANS.load(Ordering::SeqCst) {
-        reap_locked(table);
+        self.finish(&mut table());
     }
 }
 
@@ -263,9 +277,9 @@ fn reap_locked(table: &mut Table) {
                     return;
                 }
             };
-            if !table.children.contains_key(&pid) && table.spawning > 0 {
+            if !table.children.contains_key(&pid) && table.spawning(pid) {
                 // The peek keeps naming this child until it is reaped: collect the registered
-                // ones one by one, and leave the rest to the last spawn in flight.
+                // ones one by one, and leave the rest to its spawn, which reaps them when done.
                 break;
             }
             match try_collect(pid) {
@@ -291,7 +305,7 @@ mod tests {
 
     /// std's spawn, for these tests only (guestd spawns through `sys::spawn`).
     fn std_spawn(cmd: &mut Command) -> io::Result<(u32, Exit)> {
-        spawn(|| cmd.spawn().map(|child| child.id()))
+        spawn(|_| cmd.spawn().map(|child| child.id()))
     }
 
     #[tokio::test]

@@ -89,7 +89,7 @@ pub(super) fn launch(path_env: &str, spec: &StartSpec) -> Result<Launched, Proce
         nofile: crate::sys::limits::child_nofile(),
     };
     let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
-    let (pid, exit) = reaper::spawn(|| sys_spawn::spawn(&exec, stdio, &setup)).map_err(spawn_error)?;
+    let (pid, exit) = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child)).map_err(spawn_error)?;
     Ok(Launched { pid, exit, io })
 }
 

@@ -22,6 +22,7 @@ use std::ffi::{CString, c_int, c_void};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::AtomicI32;
 use std::sync::{Mutex, PoisonError};
 
 use nix::libc;
@@ -209,10 +210,12 @@ fn page_size() -> usize {
 
 /// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
 ///
-/// The caller must make sure nothing else reaps the child in the meantime (guestd's reaper leaves
-/// unknown children alone while a spawn is in flight): when a step fails, the exited child is
-/// reaped here. Concurrent calls do not wait for each other.
-pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io::Result<u32> {
+/// The child's pid is stored in `child` by the kernel before the child runs (`CLONE_PARENT_SETTID`),
+/// so another thread can tell this spawn's child from any other while the spawn is in flight (an
+/// exec may take long). The caller must make sure nothing else reaps the child in the meantime
+/// (guestd's PID-1 reaper leaves the children of spawns in flight alone): when a step fails, the
+/// exited child is reaped here. Concurrent calls do not wait for each other.
+pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup, child: &AtomicI32) -> io::Result<u32> {
     // Descriptors below 3 would be overwritten while installing the others: move them up
     // first (guestd normally has 0-2 open, so this only happens when it was started without).
     // (`try_clone_to_owned` is F_DUPFD_CLOEXEC from 3 up; the copies close when `moved` drops.)
@@ -253,13 +256,18 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup) -> io:
         // to) lives in this frame until clone returns; CLONE_VFORK suspends this thread until
         // the child has exec'd or exited, so the child's use of this memory ends before we go
         // on. `top` is the aligned end of the guarded child stack `stack`, ours until returned.
-        // All signals are blocked, so no handler runs on the child's stack.
+        // All signals are blocked, so no handler runs on the child's stack. The kernel stores
+        // the child's pid into `child`, an AtomicI32 (the layout of a pid_t) borrowed for the
+        // call; no TLS and no child tid are passed (their flags are not set).
         let pid = unsafe {
             libc::clone(
                 child_main,
                 top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
                 (&args as *const ChildArgs).cast_mut().cast(),
+                child.as_ptr(),
+                std::ptr::null_mut::<c_void>(),
+                std::ptr::null_mut::<libc::pid_t>(),
             )
         };
         (pid, io::Error::last_os_error())
@@ -431,7 +439,9 @@ mod tests {
     fn run(exec: &Exec, setup: &ChildSetup) -> io::Result<(String, i32)> {
         let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let (read, write) = crate::sys::fd::pipe().unwrap(); // close-on-exec: other tests spawn too
-        let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup)?;
+        let slot = AtomicI32::new(0);
+        let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup, &slot)?;
+        assert_eq!(slot.load(std::sync::atomic::Ordering::SeqCst), pid as i32, "the pid is announced in the slot");
         drop(write);
         let mut out = String::new();
         std::fs::File::from(read).read_to_string(&mut out).unwrap();
@@ -483,8 +493,13 @@ mod tests {
         // The test's own fd 2 stands in for a low-numbered source: the child's stderr.
         // SAFETY: fd 2 is open for the whole test process and outlives this borrow.
         let low = unsafe { BorrowedFd::borrow_raw(2) };
-        let pid =
-            spawn(&exec(&["/bin/sh", "-c", "echo moved"]), [null.as_fd(), write.as_fd(), low], &setup("/")).unwrap();
+        let pid = spawn(
+            &exec(&["/bin/sh", "-c", "echo moved"]),
+            [null.as_fd(), write.as_fd(), low],
+            &setup("/"),
+            &AtomicI32::new(0),
+        )
+        .unwrap();
         drop(write);
         let mut out = String::new();
         std::fs::File::from(read).read_to_string(&mut out).unwrap();
