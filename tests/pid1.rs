@@ -61,43 +61,6 @@ async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
     assert!(status.success(), "guestd as PID 1 exited with {status}");
 }
 
-/// Holds every exec of one file until released (a fanotify permission event), as a binary on a
-/// stuck FUSE or NFS mount holds `execve`.
-struct HeldExec {
-    path: std::path::PathBuf,
-    held: std::sync::mpsc::Receiver<()>,
-    release: std::sync::mpsc::Sender<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl HeldExec {
-    fn new() -> Result<HeldExec, String> {
-        use nix::sys::fanotify::*;
-        let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)
-            .map_err(|e| format!("fanotify_init: {e}"))?;
-        // Not under /tmp: guestd as PID 1 mounts a tmpfs there.
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let path = dir.path().join("held-true");
-        std::fs::copy("/bin/true", &path).unwrap();
-        fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_EXEC_PERM, nix::fcntl::AT_FDCWD, Some(&path))
-            .map_err(|e| format!("fanotify_mark(FAN_OPEN_EXEC_PERM): {e}"))?;
-        let (held_tx, held) = std::sync::mpsc::channel();
-        let (release, release_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let events = fan.read_events().unwrap();
-            let _ = held_tx.send(());
-            let _ = release_rx.recv();
-            for event in &events {
-                if let Some(fd) = event.fd() {
-                    fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW)).unwrap();
-                }
-            }
-        });
-        Ok(HeldExec { path, held, release, _dir: dir })
-    }
-}
-
 /// A hung exec holds up only itself, orphan reaping included: while one spawn waits for its
 /// exec, an orphan that ends is still reaped (before, the PID-1 reaper left every unknown child
 /// alone while any spawn was in flight, so zombies piled up for as long as the exec hung).

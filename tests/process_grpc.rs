@@ -239,43 +239,6 @@ async fn signals_reach_the_whole_process_group() {
     server.stop().await;
 }
 
-/// Holds every exec of one file until released: what a binary on a stuck FUSE or NFS mount does
-/// to `execve` (and to the vfork parent waiting for it), here with a fanotify permission event.
-struct HeldExec {
-    path: std::path::PathBuf,
-    held: std::sync::mpsc::Receiver<()>,
-    release: std::sync::mpsc::Sender<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl HeldExec {
-    /// None (and why) where fanotify permission events are not available (not root, no kernel support).
-    fn new() -> Result<HeldExec, String> {
-        use nix::sys::fanotify::*;
-        let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)
-            .map_err(|e| format!("fanotify_init: {e}"))?;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("held-true");
-        std::fs::copy("/bin/true", &path).unwrap();
-        fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_EXEC_PERM, nix::fcntl::AT_FDCWD, Some(&path))
-            .map_err(|e| format!("fanotify_mark(FAN_OPEN_EXEC_PERM): {e}"))?;
-        let (held_tx, held) = std::sync::mpsc::channel();
-        let (release, release_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            // Closing the fanotify descriptor (on return or a panic) allows every pending exec.
-            let events = fan.read_events().unwrap();
-            let _ = held_tx.send(());
-            let _ = release_rx.recv();
-            for event in &events {
-                if let Some(fd) = event.fd() {
-                    fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW)).unwrap();
-                }
-            }
-        });
-        Ok(HeldExec { path, held, release, _dir: dir })
-    }
-}
-
 /// A command whose exec hangs holds up nothing else: other commands start, run, end and take
 /// signals meanwhile, and the held one runs once its exec proceeds (before, the spawn held the
 /// reaper's lock and a runtime worker for as long as the exec hung: guestd stopped starting or
@@ -317,9 +280,34 @@ async fn a_hung_exec_holds_up_no_other_process() {
     tokio::time::timeout(Duration::from_secs(20), others).await.expect("other commands were held up by a hung exec");
     assert!(!hung.is_finished(), "the held command must still be starting");
 
+    // Hung spawns hold blocking-pool threads: past a limit, new commands are refused instead.
+    let mut more = Vec::new();
+    for _ in 1..guestd::process::MAX_SPAWNS_IN_FLIGHT {
+        let (mut c, cmd) = (client.clone(), held.path.to_str().unwrap().to_owned());
+        more.push(tokio::spawn(async move { run(&mut c, start_request(&cmd, &[])).await }));
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match client.start(sh("true")).await {
+                Err(status) => break status,
+                Ok(stream) => drop(stream),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("starts are refused once the limit of hung spawns is reached");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("commands are still starting"), "{}", refused.message());
+
     held.release.send(()).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(20), hung).await.expect("released exec").unwrap();
     assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+    for task in more {
+        let out = tokio::time::timeout(Duration::from_secs(20), task).await.expect("released exec").unwrap();
+        assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+    }
+    assert_eq!(run(&mut client, sh("true")).await.exit_code(), 0, "starts are accepted again");
     server.stop().await;
 }
 

@@ -32,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -61,6 +61,29 @@ pub const DEFAULT_PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
 /// retention this is ~136 process exits per second before anything is dropped early; each entry
 /// is a few hundred bytes.
 const MAX_RETAINED: usize = 4096;
+
+/// Spawns that may wait for their exec at once. Each holds a blocking-pool thread (tokio allows
+/// 512) for as long as its exec takes, which is forever on a hung mount: a client retrying a
+/// command there must not take every thread the file service and other commands need. Healthy
+/// spawns take well under a millisecond, so only hung ones ever count up to this.
+pub const MAX_SPAWNS_IN_FLIGHT: usize = 128;
+
+/// One spawn counted in [`Inner::spawning`] until dropped (also when its task never ran).
+struct Starting(Arc<Inner>);
+
+impl Starting {
+    fn begin(inner: &Arc<Inner>) -> Option<Starting> {
+        let before = inner.spawning.fetch_add(1, Ordering::SeqCst);
+        let starting = Starting(Arc::clone(inner));
+        (before < MAX_SPAWNS_IN_FLIGHT).then_some(starting)
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.spawning.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// After a SIGTERM/SIGKILL sent through [`ProcessManager::signal`] or the timeout, once the group
 /// leader is reaped: how long the pumps may keep reading what is already buffered before End is
@@ -229,6 +252,11 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// [`MAX_SPAWNS_IN_FLIGHT`] spawns are still waiting for their exec.
+    #[error(
+        "cannot start '{cmd}': {limit} commands are still starting (their executables or working directories may be on a hung mount)"
+    )]
+    TooManyStarting { cmd: String, limit: usize },
     /// PTY allocation failed.
     #[error("failed to allocate a PTY")]
     Pty(#[source] std::io::Error),
@@ -276,6 +304,8 @@ struct Inner {
     table: Mutex<Table>,
     tasks: TaskTracker,
     closing: AtomicBool,
+    /// Spawns on the blocking pool that have not returned (see [`MAX_SPAWNS_IN_FLIGHT`]).
+    spawning: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -395,6 +425,7 @@ impl ProcessManager {
                 table: Mutex::new(Table::default()),
                 tasks: TaskTracker::new(),
                 closing: AtomicBool::new(false),
+                spawning: AtomicUsize::new(0),
             }),
         }
     }
@@ -411,9 +442,15 @@ impl ProcessManager {
         let this = self.clone();
         let span = tracing::Span::current();
         let cmd = spec.command.cmd.clone();
-        tokio::task::spawn_blocking(move || span.in_scope(|| this.start_blocking(spec)))
-            .await
-            .map_err(|join| ProcessError::Spawn { cmd, source: std::io::Error::other(join) })?
+        let Some(starting) = Starting::begin(&self.inner) else {
+            return Err(ProcessError::TooManyStarting { cmd, limit: MAX_SPAWNS_IN_FLIGHT });
+        };
+        tokio::task::spawn_blocking(move || {
+            let _starting = starting;
+            span.in_scope(|| this.start_blocking(spec))
+        })
+        .await
+        .map_err(|join| ProcessError::Spawn { cmd, source: std::io::Error::other(join) })?
     }
 
     fn start_blocking(&self, spec: StartSpec) -> Result<Attached, ProcessError> {

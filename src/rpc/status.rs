@@ -19,6 +19,7 @@ impl From<ProcessError> for Status {
             | ProcessError::Spawn { .. }
             | ProcessError::Pty(_) => Code::InvalidArgument,
             ProcessError::PermissionDenied { .. } => Code::PermissionDenied,
+            ProcessError::TooManyStarting { .. } => Code::ResourceExhausted,
             ProcessError::NotPty { .. } | ProcessError::IsPty { .. } | ProcessError::StdinClosed { .. } => {
                 Code::FailedPrecondition
             }

@@ -303,3 +303,49 @@ pub fn b64(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
 }
+
+/// Holds every exec of one file until released: what a binary on a stuck FUSE or NFS mount does
+/// to `execve` (and to the vfork parent waiting for it), here with a fanotify permission event.
+pub struct HeldExec {
+    pub path: std::path::PathBuf,
+    pub held: std::sync::mpsc::Receiver<()>,
+    pub release: std::sync::mpsc::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl HeldExec {
+    /// Err (saying why) where fanotify permission events are not available (not root, no
+    /// kernel support). The file lives under /var/tmp: guestd as PID 1 mounts a tmpfs on /tmp.
+    pub fn new() -> Result<HeldExec, String> {
+        use nix::sys::fanotify::*;
+        let fan = Fanotify::init(InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC, EventFFlags::O_RDONLY)
+            .map_err(|e| format!("fanotify_init: {e}"))?;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let path = dir.path().join("held-true");
+        std::fs::copy("/bin/true", &path).unwrap();
+        fan.mark(MarkFlags::FAN_MARK_ADD, MaskFlags::FAN_OPEN_EXEC_PERM, nix::fcntl::AT_FDCWD, Some(&path))
+            .map_err(|e| format!("fanotify_mark(FAN_OPEN_EXEC_PERM): {e}"))?;
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            // Every exec is answered once released (or once the test is gone). Closing the
+            // descriptor would not do: a child waiting in execve still holds a copy of it (its
+            // close-on-exec has not happened yet), so the kernel never sees it closed.
+            let mut released = false;
+            while let Ok(events) = fan.read_events() {
+                if !released {
+                    let _ = held_tx.send(());
+                    let _ = release_rx.recv();
+                    released = true;
+                }
+                for event in &events {
+                    if let Some(fd) = event.fd() {
+                        let _ = fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW));
+                    }
+                }
+            }
+        });
+        Ok(HeldExec { path, held, release, _dir: dir })
+    }
+}
