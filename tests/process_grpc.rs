@@ -281,32 +281,43 @@ async fn a_hung_exec_holds_up_no_other_process() {
     assert!(!hung.is_finished(), "the held command must still be starting");
 
     // Hung spawns hold blocking-pool threads: past a limit, new commands are refused instead.
-    let mut more = Vec::new();
-    for _ in 1..guestd::process::MAX_SPAWNS_IN_FLIGHT {
-        let (mut c, cmd) = (client.clone(), held.path.to_str().unwrap().to_owned());
-        more.push(tokio::spawn(async move { run(&mut c, start_request(&cmd, &[])).await }));
-    }
+    // Every accepted Start of the held file stays in flight, so starting them until one is
+    // refused fills the limit exactly, however the starts interleave.
+    let held_start = |client: &process_client::ProcessClient<tonic::transport::Channel>| {
+        let (mut client, cmd) = (client.clone(), held.path.to_str().unwrap().to_owned());
+        tokio::spawn(async move { try_run(&mut client, start_request(&cmd, &[])).await })
+    };
+    let mut more: Vec<_> = (1..guestd::process::MAX_SPAWNS_IN_FLIGHT).map(|_| held_start(&client)).collect();
     let refused = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            match client.start(sh("true")).await {
-                Err(status) => break status,
-                Ok(stream) => drop(stream),
+            let done = more.iter().position(|task| task.is_finished());
+            if let Some(at) = done {
+                break more.swap_remove(at).await.unwrap().expect_err("a held Start can only end refused");
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            more.push(held_start(&client));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
     .expect("starts are refused once the limit of hung spawns is reached");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("commands are still starting"), "{}", refused.message());
+    let refused_too = more.iter().filter(|task| task.is_finished()).count();
 
     held.release.send(()).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(20), hung).await.expect("released exec").unwrap();
     assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+    let mut ran = 1;
     for task in more {
-        let out = tokio::time::timeout(Duration::from_secs(20), task).await.expect("released exec").unwrap();
-        assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+        match tokio::time::timeout(Duration::from_secs(20), task).await.expect("released exec").unwrap() {
+            Ok(out) => {
+                assert_eq!(out.exit_code(), 0, "{:?}", out.error);
+                ran += 1;
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
     }
+    assert!(ran >= guestd::process::MAX_SPAWNS_IN_FLIGHT - refused_too, "{ran} held commands ran");
     assert_eq!(run(&mut client, sh("true")).await.exit_code(), 0, "starts are accepted again");
     server.stop().await;
 }

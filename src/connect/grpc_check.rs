@@ -1,17 +1,23 @@
-//! Native gRPC requests get the check Connect requests get: each request message is walked
-//! with the method's descriptor ([`MethodCodec::check_proto`]) before tonic decodes it.
+//! Native gRPC requests get the check Connect requests get: each large request message is
+//! walked with the method's descriptor ([`MethodCodec::check_proto`](super::codec::MethodCodec))
+//! before tonic decodes it.
 //!
 //! Why: tonic's generated decoder turns every element of a repeated field into its own value
 //! (a `String` is 24 bytes before its contents), so a 16 MiB `StartRequest` of empty `args`
 //! grows ~12× while decoding. The check refuses messages with more than 256 Ki values
-//! (`resource_exhausted`, the limit Connect requests have) and answers
-//! malformed ones with `invalid_argument` instead of tonic's `internal`.
+//! (`resource_exhausted`, the limit Connect requests have) and answers malformed ones with
+//! `invalid_argument` instead of tonic's `internal`.
+//!
+//! Only messages over [`CHECKED_FROM`] are checked: a smaller one cannot grow past a few MiB,
+//! and the check needs the descriptor registry, whose first build (decoding the descriptor
+//! pool) would otherwise fall on the first gRPC call of every boot — measured in the micro-VM
+//! tier as +60 ms before the first command.
 //!
 //! The body is forwarded unchanged; the bytes of the frame being completed are kept aside
-//! (at most one message, zero-copy where it lies in one fragment) and a fragment that
-//! completes a frame is passed on only after that frame passed the check, so tonic never
-//! decodes a message that did not. Compressed frames are passed on unchecked: guestd's
-//! services accept no compression, so tonic refuses them itself.
+//! (zero-copy where it lies in one fragment) and a fragment that completes a frame is passed on
+//! only after that frame passed the check, so tonic never decodes a large message that did not.
+//! Compressed frames are passed on unchecked: guestd's services accept no compression, so tonic
+//! refuses them itself.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -24,30 +30,38 @@ use std::sync::Arc;
 
 use super::envelope::{FLAG_COMPRESSED, FrameDecoder};
 use super::error::ConnectProtocolError;
-use super::{MAX_MESSAGE_BYTES, Method};
+use super::{LazyRegistry, MAX_MESSAGE_BYTES};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Messages this large or larger are checked (see the module docs).
+const CHECKED_FROM: usize = 64 * 1024;
 
 /// A gRPC request body whose messages are checked as they complete.
 pub(super) struct CheckedRequest {
     inner: Body,
     frames: FrameDecoder,
-    method: Arc<Method>,
+    registry: Arc<LazyRegistry>,
+    /// The request path: `/pkg.Service/Method`.
+    path: String,
     /// Set once a message failed: the body then ends with that error.
     failed: bool,
 }
 
 impl CheckedRequest {
-    pub(super) fn new(inner: Body, method: Arc<Method>) -> Self {
-        CheckedRequest { inner, frames: FrameDecoder::new(MAX_MESSAGE_BYTES), method, failed: false }
+    pub(super) fn new(inner: Body, registry: Arc<LazyRegistry>, path: String) -> Self {
+        CheckedRequest { inner, frames: FrameDecoder::new(MAX_MESSAGE_BYTES), registry, path, failed: false }
     }
 
     /// Checks every frame `data` completes.
     fn check(&mut self, data: &Bytes) -> Result<(), ConnectProtocolError> {
         self.frames.push(data.clone());
         while let Some(frame) = self.frames.decode()? {
-            if frame.flags & FLAG_COMPRESSED == 0 {
-                self.method.codec.check_proto(&frame.payload)?;
+            if frame.flags & FLAG_COMPRESSED == 0
+                && frame.payload.len() >= CHECKED_FROM
+                && let Some(method) = self.registry.get().methods.get(&self.path)
+            {
+                method.codec.check_proto(&frame.payload)?;
             }
         }
         Ok(())

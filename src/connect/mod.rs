@@ -6,7 +6,7 @@
 //!
 //! | request | action |
 //! |---|---|
-//! | `content-type: application/grpc*` | passed through (native gRPC); request messages of a known method are checked on the way (`grpc_check.rs`) |
+//! | `content-type: application/grpc*` | passed through (native gRPC); large request messages of a known method are checked on the way (`grpc_check.rs`) |
 //! | path not shaped `/pkg.Service/Method` (checked before the registry is even built), or not an RPC method in the descriptor pool and not under an RPC service | passed through (`/health`, `/files`, ...) |
 //! | `/pkg.Service/Unknown` under a known service | 404, Connect JSON error `unimplemented` (envd answers 404 here; the body lets Connect clients read the code) |
 //! | RPC path, method other than POST | 405, `Allow: POST` (no method is NO_SIDE_EFFECTS, so no Connect GET) |
@@ -211,13 +211,9 @@ where
         let inner = self.inner.clone();
         let media = media_type(&req);
         if media.starts_with("application/grpc") {
-            let req = match self.registry.get().methods.get(req.uri().path()) {
-                Some(method) => {
-                    let method = Arc::clone(method);
-                    req.map(|body| Body::new(grpc_check::CheckedRequest::new(body, method)))
-                }
-                None => req,
-            };
+            let path = req.uri().path().to_owned();
+            let registry = Arc::clone(&self.registry);
+            let req = req.map(|body| Body::new(grpc_check::CheckedRequest::new(body, registry, path)));
             return Box::pin(pass_through(inner, req));
         }
         let path = req.uri().path();

@@ -132,7 +132,12 @@ pub fn tag(tag: &str) -> Option<ProcessSelector> {
 
 /// Runs a Start stream to its end over gRPC.
 pub async fn run(client: &mut ProcessClient<Channel>, req: StartRequest) -> Outcome {
-    let mut stream = client.start(req).await.expect("Start accepted").into_inner();
+    try_run(client, req).await.expect("Start accepted")
+}
+
+/// [`run`], or the status that refused the Start.
+pub async fn try_run(client: &mut ProcessClient<Channel>, req: StartRequest) -> Result<Outcome, tonic::Status> {
+    let mut stream = client.start(req).await?.into_inner();
     let mut outcome = Outcome::default();
     loop {
         match stream.message().await {
@@ -144,7 +149,7 @@ pub async fn run(client: &mut ProcessClient<Channel>, req: StartRequest) -> Outc
             }
         }
     }
-    outcome
+    Ok(outcome)
 }
 
 /// True while a process with this pid exists (zombies included).
