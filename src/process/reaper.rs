@@ -173,16 +173,18 @@ pub fn spawn(start: impl FnOnce(&AtomicI32) -> io::Result<u32>) -> io::Result<(u
 /// ended child (PID-1 mode).
 struct InFlight {
     child: Arc<AtomicI32>,
+    /// Ended by `register`: nothing left for `drop` to do.
+    done: bool,
 }
 
 impl InFlight {
     fn begin() -> InFlight {
         let child = Arc::new(AtomicI32::new(0));
         table().spawning.push(Arc::clone(&child));
-        InFlight { child }
+        InFlight { child, done: false }
     }
 
-    fn register(self, pid: i32, tx: oneshot::Sender<Outcome>) {
+    fn register(mut self, pid: i32, tx: oneshot::Sender<Outcome>) {
         let mut table = table();
         table.children.insert(pid, tx);
         // Its SIGCHLD may have been handled before it was registered.
@@ -192,10 +194,11 @@ impl InFlight {
         self.finish(&mut table);
     }
 
-    /// Idempotent: the first call (from `register` or `drop`) ends the spawn.
-    fn finish(&self, table: &mut Table) {
-        let Some(at) = table.spawning.iter().position(|slot| Arc::ptr_eq(slot, &self.child)) else { return };
-        table.spawning.swap_remove(at);
+    fn finish(&mut self, table: &mut Table) {
+        self.done = true;
+        if let Some(at) = table.spawning.iter().position(|slot| Arc::ptr_eq(slot, &self.child)) {
+            table.spawning.swap_remove(at);
+        }
         if ADOPT_ORPHANS.load(Ordering::SeqCst) {
             reap_locked(table);
         }
@@ -204,7 +207,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.finish(&mut table());
+        if !self.done {
+            self.finish(&mut table());
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! `waitpid(2)` with the raw status decoded, and `pidfd_open(2)`.
+//! `waitpid(2)` with the raw status decoded, a `waitid(2)` peek at an ended child, and `pidfd_open(2)`.
 //!
 //! We call libc directly rather than `nix::sys::wait::waitpid`: nix converts the status into its
 //! `Signal` enum and returns `EINVAL` for signals it has no variant for (real-time signals),
@@ -23,13 +23,22 @@ pub enum WaitStatus {
 
 /// Non-blocking `waitpid(pid, WNOHANG)`: `Ok(None)` while the child is still running.
 pub fn try_wait(pid: i32) -> io::Result<Option<WaitStatus>> {
-    Ok(wait_nohang(pid)?.map(|(_, status)| status))
-}
-
-/// Non-blocking `waitpid(-1, WNOHANG)`: reaps any child. `Ok(None)` when children exist but none
-/// has ended; `ECHILD` when there are no children at all.
-pub fn try_wait_any() -> io::Result<Option<(i32, WaitStatus)>> {
-    wait_nohang(-1)
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: `raw` is a live local the kernel writes the status into; WNOHANG never blocks.
+        let rc = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        return Ok(decode(raw));
+    }
 }
 
 /// Non-blocking `waitid(P_ALL, WEXITED | WNOWAIT)`: the pid of an ended child, left unreaped (a
@@ -51,25 +60,6 @@ pub fn peek_ended() -> io::Result<Option<i32>> {
         // SAFETY: waitid succeeded, so `info` is a SIGCHLD siginfo (si_pid 0 when none ended).
         let pid = unsafe { info.si_pid() };
         return Ok((pid != 0).then_some(pid));
-    }
-}
-
-fn wait_nohang(pid: i32) -> io::Result<Option<(i32, WaitStatus)>> {
-    loop {
-        let mut raw: libc::c_int = 0;
-        // SAFETY: `raw` is a live local the kernel writes the status into; WNOHANG never blocks.
-        let rc = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if rc == 0 {
-            return Ok(None);
-        }
-        return Ok(decode(raw).map(|status| (rc, status)));
     }
 }
 
