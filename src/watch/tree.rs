@@ -211,6 +211,15 @@ impl Tree {
 
     /// Current absolute path of a watched directory.
     pub fn path_of(&self, wd: Wd) -> Option<PathBuf> {
+        let (_, top, names) = self.climb(wd)?;
+        let mut path = top.top.clone();
+        path.extend(names.iter().rev());
+        Some(path)
+    }
+
+    /// The top directory above `wd` (or `wd` itself, when it is a top), its node, and the names
+    /// on the way up, innermost first.
+    fn climb(&self, wd: Wd) -> Option<(Wd, &Node, Vec<&OsStr>)> {
         let mut names = Vec::new();
         let mut cur = wd;
         for _ in 0..=self.nodes.len() {
@@ -220,11 +229,7 @@ impl Tree {
                     names.push(node.name.as_os_str());
                     cur = parent;
                 }
-                None => {
-                    let mut path = node.top.clone();
-                    path.extend(names.iter().rev());
-                    return Some(path);
-                }
+                None => return Some((cur, node, names)),
             }
         }
         None
@@ -270,14 +275,7 @@ impl Tree {
 
     /// Whether the path of `wd`'s top directory still names that directory.
     fn top_path_holds(&self, ino: &Inotify, wd: Wd) -> bool {
-        let mut top = wd;
-        for _ in 0..=self.nodes.len() {
-            match self.nodes.get(&top).and_then(|n| n.parent) {
-                Some(parent) => top = parent,
-                None => break,
-            }
-        }
-        let Some(node) = self.nodes.get(&top) else { return false };
+        let Some((top, node, _)) = self.climb(wd) else { return false };
         // The same mask as every watch: on the watched inode this changes nothing.
         match ino.add_watch(&node.top, MASK) {
             Ok(found) if found == top => true,
