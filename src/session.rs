@@ -48,12 +48,6 @@ pub struct Defaults {
 #[serde(transparent)]
 pub struct AccessToken(String);
 
-impl From<String> for AccessToken {
-    fn from(token: String) -> AccessToken {
-        AccessToken(token)
-    }
-}
-
 impl From<&str> for AccessToken {
     fn from(token: &str) -> AccessToken {
         AccessToken(token.to_owned())

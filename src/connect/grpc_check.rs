@@ -20,13 +20,12 @@
 //! refuses them itself.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::Frame as HttpFrame;
-
-use std::sync::Arc;
 
 use super::envelope::{FLAG_COMPRESSED, FrameDecoder};
 use super::error::ConnectProtocolError;
