@@ -26,15 +26,12 @@ async fn run_script(addr: SocketAddr, script: &str) -> String {
     messages.iter().filter_map(|m| m["event"]["data"]["stdout"].as_str()).flat_map(b64).map(char::from).collect()
 }
 
-#[tokio::test]
-async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
-    if !is_root() {
-        println!("SKIPPED pid1 test: needs root to create a PID namespace");
-        return;
-    }
-    let port = 20_000 + (std::process::id() % 10_000) as u16;
+/// Starts guestd as PID 1 of a new PID namespace, listening on a port derived from this test
+/// binary's pid plus `port_offset` (tests run in parallel), and waits until it answers.
+async fn start_as_pid1(port_offset: u32) -> (SocketAddr, std::process::Child) {
+    let port = 20_000 + ((std::process::id() + port_offset) % 10_000) as u16;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut unshare = Command::new("unshare")
+    let unshare = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_guestd"), "--listen", &addr.to_string()])
         .stdin(Stdio::null())
         .spawn()
@@ -42,6 +39,22 @@ async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
     let up = eventually_async(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
         .await;
     assert!(up, "guestd did not come up as PID 1");
+    (addr, unshare)
+}
+
+/// guestd's pid (seen from here): `unshare --fork`'s only child.
+fn guestd_pid(unshare: u32) -> Option<nix::unistd::Pid> {
+    let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok().map(nix::unistd::Pid::from_raw)
+}
+
+#[tokio::test]
+async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
+    if !is_root() {
+        println!("SKIPPED pid1 test: needs root to create a PID namespace");
+        return;
+    }
+    let (addr, mut unshare) = start_as_pid1(0).await;
     assert_eq!(http(addr, "GET", "/health", &[], Bytes::new()).await.status, 204);
     assert_eq!(run_script(addr, "echo $PPID; cat /proc/1/comm").await, "1\nguestd\n");
 
@@ -54,9 +67,8 @@ async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
 
     // SIGTERM to guestd (unshare's child): it stops its processes and exits 0.
     run_script(addr, "sleep 1000 >/dev/null 2>&1 &").await;
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
-    let guestd: i32 = children.split_whitespace().next().expect("guestd is unshare's child").parse().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(guestd), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let guestd = guestd_pid(unshare.id()).expect("guestd is unshare's child");
+    nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::task::spawn_blocking(move || unshare.wait()).await.unwrap().unwrap();
     assert!(status.success(), "guestd as PID 1 exited with {status}");
 }
@@ -77,24 +89,14 @@ async fn pid1_reaps_orphans_while_an_exec_hangs() {
             return;
         }
     };
-    let port = 20_000 + ((std::process::id() + 1) % 10_000) as u16;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut unshare = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_guestd"), "--listen", &addr.to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("unshare runs");
-    let up = eventually_async(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(addr).await.is_ok() })
-        .await;
-    assert!(up, "guestd did not come up as PID 1");
+    let (addr, mut unshare) = start_as_pid1(1).await;
 
     // Ends guestd (unshare's child) however the test ends.
     struct Stop(u32);
     impl Drop for Stop {
         fn drop(&mut self) {
-            let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0)).unwrap_or_default();
-            if let Some(guestd) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(guestd), nix::sys::signal::Signal::SIGTERM);
+            if let Some(guestd) = guestd_pid(self.0) {
+                let _ = nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM);
             }
         }
     }
