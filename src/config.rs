@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = crate::boot::CONFIG_FILE)]
     pub start_config: PathBuf,
 
+    /// Run commands in guestd's own cgroup instead of one each. Without a cgroup of its own, a
+    /// command's processes that leave its process group (`setsid`, daemons) escape its kill.
+    #[arg(long)]
+    pub no_cgroups: bool,
+
     /// envd drop-in (`-port N`): serve TCP on 0.0.0.0:N instead of the --listen addresses.
     #[arg(long, hide = true, value_name = "N")]
     pub port: Option<u16>,
@@ -82,7 +87,7 @@ pub struct Args {
 }
 
 /// Rewrites envd's Go-style single-dash flags (`-port 49983`, `-port=49983`, `-isnotfc`,
-/// `-version`, `-cmd CMD`) into guestd's, so a template that runs `/usr/bin/envd` works with
+/// `-no-cgroups`, `-version`, `-cmd CMD`) into guestd's, so a template that runs `/usr/bin/envd` works with
 /// guestd in its place.
 pub fn translate_envd_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
     args.into_iter()
@@ -92,6 +97,7 @@ pub fn translate_envd_flags(args: impl IntoIterator<Item = String>) -> Vec<Strin
             let mapped = match name {
                 "port" => "--port",
                 "isnotfc" => "--isnotfc",
+                "no-cgroups" => "--no-cgroups",
                 "version" => "--envd-version",
                 "cmd" => "--start-cmd",
                 _ => return arg,
@@ -227,6 +233,8 @@ pub struct Config {
     pub in_sandbox: bool,
     /// The start command as configured at startup (flags > config file > kernel command line).
     pub start: StartConfig,
+    /// Give each command a cgroup of its own where the machine allows it (not `--no-cgroups`).
+    pub cgroups: bool,
 }
 
 /// Configuration that cannot work.
@@ -274,6 +282,7 @@ impl Config {
             log_format: args.log_format,
             in_sandbox: !args.isnotfc,
             start,
+            cgroups: !args.no_cgroups,
         })
     }
 
@@ -286,6 +295,7 @@ impl Config {
             log_format: LogFormat::Text,
             in_sandbox: true,
             start: StartConfig { marker: unique_marker(), ..StartConfig::default() },
+            cgroups: true,
         }
     }
 }
@@ -315,6 +325,22 @@ mod tests {
         fn in_container(&self) -> bool {
             !self.root
         }
+    }
+
+    /// A template that starts `envd -port 49983 -isnotfc -no-cgroups` runs guestd the same way.
+    #[test]
+    fn envd_flags_map_to_guestd_flags() {
+        let argv = ["guestd", "-port=49983", "-isnotfc", "-no-cgroups", "-cmd", "sleep 1", "--listen", "127.0.0.1:1"];
+        let args = translate_envd_flags(argv.map(str::to_owned));
+        assert_eq!(args[1..5], ["--port=49983", "--isnotfc", "--no-cgroups", "--start-cmd"]);
+        let env = FakeEnv { root: true, path: None };
+        let config = Config::from_args(Args::parse_from(args), &env).unwrap();
+        assert_eq!(config.listen, vec![ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 49983)))]);
+        assert!(!config.in_sandbox);
+        assert!(!config.cgroups);
+        assert_eq!(config.start.cmd.as_deref(), Some("sleep 1"));
+        let config = Config::from_args(Args::parse_from(["guestd"]), &env).unwrap();
+        assert!(config.cgroups && config.in_sandbox);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const MOUNTS: &[(&str, &str, &str)] = &[
     ("proc", "/proc", ""),
     ("sysfs", "/sys", ""),
+    // Where commands get cgroups of their own (`process::cgroup`).
+    ("cgroup2", "/sys/fs/cgroup", ""),
     ("devtmpfs", "/dev", "mode=0755"),
     ("devpts", "/dev/pts", "gid=5,mode=620,ptmxmode=666"),
     ("tmpfs", "/dev/shm", "mode=1777"),

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::boot::Boot;
 use crate::config::{Config, ListenAddr};
 use crate::host::MetricsSource;
+use crate::process::cgroup::Cgroups;
 use crate::process::{ManagerConfig, ProcessManager};
 use crate::session::{Session, SystemClock};
 use crate::{Agent, http, rpc};
@@ -100,6 +101,7 @@ impl Server {
             processes: ProcessManager::new(ManagerConfig {
                 path_env: config.path_env.clone(),
                 retention: PROCESS_RETENTION,
+                cgroups: command_cgroups(config),
             }),
             session: Session::with_internal_env(config.default_user.clone(), internal_env),
             clock: Arc::new(SystemClock),
@@ -165,6 +167,24 @@ impl Server {
 /// The whole request path shared by every listener: Connect translation in front of the
 /// router that holds the tonic services and the plain HTTP routes.
 type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
+
+/// Where commands get cgroups of their own, if anywhere (logged either way).
+fn command_cgroups(config: &Config) -> Option<Arc<Cgroups>> {
+    if !config.cgroups {
+        info!("--no-cgroups: commands run in guestd's cgroup; signals reach their process groups");
+        return None;
+    }
+    match Cgroups::detect() {
+        Ok(cgroups) => {
+            info!(dir = %cgroups.dir().display(), "each command runs in a cgroup of its own");
+            Some(Arc::new(cgroups))
+        }
+        Err(reason) => {
+            info!(%reason, "commands run in guestd's cgroup; signals reach their process groups");
+            None
+        }
+    }
+}
 
 fn service(agent: Arc<Agent>, response_ended: Arc<Notify>) -> Service {
     let session = agent.session.clone();

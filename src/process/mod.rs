@@ -11,8 +11,10 @@
 //!   group. RPC handlers never touch fds directly; they call the manager.
 //! - **Output fan-out** lives in `output`: a bounded log per process with one cursor per
 //!   subscriber (see its docs for the eviction policy).
-//! - **Process groups**: every child is its own session and group (pgid == pid), so signals,
-//!   the timeout and shutdown reach the whole tree with `kill(-pgid)`.
+//! - **Cgroups, process groups**: every child starts in a cgroup of its own where the machine
+//!   allows it ([`cgroup`]), and signals, the timeout and shutdown go to everything in it.
+//!   Every child is also its own session and group (pgid == pid): without a cgroup, signals go
+//!   to the group with `kill(-pgid)`.
 //! - **Tables**: live processes (pid -> process) and recently finished ones (pid, tag, status)
 //!   sit behind one std mutex that is never held across an await. A finished process leaves the
 //!   live table before its End event is published, so a caller that saw End never finds it in
@@ -20,6 +22,7 @@
 //!
 //! Nothing here knows about proto, tonic, hyper or axum: the RPC adapter maps these types.
 
+pub mod cgroup;
 mod io;
 mod output;
 pub mod reaper;
@@ -43,6 +46,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::cgroup::{Cgroup, Cgroups};
 use self::io::{Input, InputError};
 pub use self::io::{PIPE_SIZE, READ_CHUNK};
 pub use self::output::Subscription;
@@ -105,6 +109,8 @@ pub struct ManagerConfig {
     pub path_env: String,
     /// How long a finished process stays reachable by Connect (>= 30 s).
     pub retention: Duration,
+    /// Where each command gets a cgroup of its own; None: commands share guestd's.
+    pub cgroups: Option<Arc<Cgroups>>,
 }
 
 /// How an RPC names a process.
@@ -337,6 +343,8 @@ struct Proc {
     signals: tokio::sync::watch::Sender<u64>,
     /// End has been published.
     ended: CancellationToken,
+    /// The command's own cgroup: signals go to every process in it. None: to the process group.
+    cgroup: Option<Cgroup>,
 }
 
 enum ProcInput {
@@ -353,11 +361,15 @@ impl ProcInput {
 }
 
 impl Proc {
-    /// Signals the whole group. Counts the signal first, so the End follows the leader's death
-    /// even if a descendant keeps the pipes open.
+    /// Signals every process of the command: its cgroup, or else its process group. Counts the
+    /// signal first, so the End follows the leader's death even if a descendant keeps the pipes
+    /// open.
     fn kill(&self, signal: Signal) -> std::io::Result<()> {
         self.signals.send_modify(|n| *n += 1);
-        reaper::signal_group(self.pid, signal.to_nix())
+        match &self.cgroup {
+            Some(cgroup) => cgroup.signal(signal.to_nix()),
+            None => reaper::signal_group(self.pid, signal.to_nix()),
+        }
     }
 }
 
@@ -463,7 +475,7 @@ impl ProcessManager {
         let limits = if spec.replay { self.inner.limits.with_replay_tail() } else { self.inner.limits };
         let log = OutputLog::new(limits);
         let events = log.subscribe_at_tail();
-        let launched = spawn::launch(&self.inner.cfg.path_env, &spec)?;
+        let launched = spawn::launch(&self.inner.cfg.path_env, self.inner.cfg.cgroups.as_ref(), &spec)?;
         let pid = launched.pid;
         tracing::Span::current().record("pid", pid);
         log.set_pid(pid);
@@ -486,6 +498,7 @@ impl ProcessManager {
             input,
             signals: tokio::sync::watch::Sender::new(0),
             ended: CancellationToken::new(),
+            cgroup: launched.cgroup,
         });
         let closing = {
             let mut table = self.inner.table();
@@ -581,8 +594,8 @@ impl ProcessManager {
         }
     }
 
-    /// Signals the whole process group (kill(-pgid)); afterwards End is emitted as soon as the
-    /// leader is reaped, even if a descendant that escaped the group still holds the pipes.
+    /// Signals the whole command (its cgroup, or its process group); afterwards End is emitted as
+    /// soon as the leader is reaped, even if a descendant that escaped still holds the pipes.
     pub fn signal(&self, sel: &Selector, sig: Signal) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
         tracing::debug!(pid = proc.pid, ?sig, "signalling process group");
@@ -629,6 +642,9 @@ impl ProcessManager {
         self.inner.tasks.close();
         if tokio::time::timeout(KILL_WAIT, self.inner.tasks.wait()).await.is_err() {
             tracing::warn!("process tasks still running after shutdown");
+        }
+        if let Some(cgroups) = &self.inner.cfg.cgroups {
+            cgroups.sweep();
         }
     }
 }

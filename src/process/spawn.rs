@@ -19,12 +19,13 @@ use std::sync::Arc;
 
 use nix::unistd::Uid;
 
+use super::cgroup::{Cgroup, Cgroups};
 use super::reaper::{self, Exit};
 use super::{ProcessError, StartSpec};
 use crate::paths;
 use crate::sys::fd::{self as sysfd, AsyncRawFd};
 use crate::sys::pty;
-use crate::sys::spawn::{self as sys_spawn, ChildSetup, Credentials, Exec};
+use crate::sys::spawn::{self as sys_spawn, ChildSetup, Credentials, Exec, IntoCgroupError};
 use crate::users::User;
 
 /// A spawned, registered child and guestd's ends of its I/O.
@@ -32,6 +33,8 @@ pub(super) struct Launched {
     pub pid: u32,
     pub exit: Exit,
     pub io: ParentIo,
+    /// The cgroup the child started in, if any.
+    pub cgroup: Option<Cgroup>,
 }
 
 pub(super) enum ParentIo {
@@ -39,7 +42,11 @@ pub(super) enum ParentIo {
     Pty { master: Arc<AsyncRawFd> },
 }
 
-pub(super) fn launch(path_env: &str, spec: &StartSpec) -> Result<Launched, ProcessError> {
+pub(super) fn launch(
+    path_env: &str,
+    cgroups: Option<&Arc<Cgroups>>,
+    spec: &StartSpec,
+) -> Result<Launched, ProcessError> {
     let user = &spec.user;
     let name = &spec.command.cmd;
     let spawn_error = |source: io::Error| ProcessError::Spawn { cmd: name.clone(), source };
@@ -82,15 +89,26 @@ pub(super) fn launch(path_env: &str, spec: &StartSpec) -> Result<Launched, Proce
     let credentials =
         needs_switch(user).then(|| Credentials { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
     let cwd_c = CString::new(cwd.as_os_str().as_bytes()).map_err(|e| spawn_error(e.into()))?;
-    let setup = ChildSetup {
+    let (mut cgroup, cgroup_fd) = cgroups.and_then(|c| c.create()).unzip();
+    let mut setup = ChildSetup {
         controlling_tty: spec.pty.is_some(),
         credentials,
         cwd: cwd_c,
         nofile: crate::sys::limits::child_nofile(),
+        cgroup: cgroup_fd,
     };
     let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
-    let (pid, exit) = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child)).map_err(spawn_error)?;
-    Ok(Launched { pid, exit, io })
+    let mut spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
+    if let (Err(error), Some(cgroups)) = (&spawned, cgroups)
+        && error.get_ref().is_some_and(|e| e.is::<IntoCgroupError>())
+    {
+        // Nothing was started: start it again, without a cgroup (and no later command tries).
+        cgroups.refused(error);
+        (cgroup, setup.cgroup) = (None, None);
+        spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
+    }
+    let (pid, exit) = spawned.map_err(spawn_error)?;
+    Ok(Launched { pid, exit, io, cgroup })
 }
 
 /// The image to exec: `exe` with argv[0] as the client named it, and the environment.

@@ -11,8 +11,28 @@ use super::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A manager as guestd runs it: a cgroup per command where this machine allows it.
 fn manager() -> ProcessManager {
-    ProcessManager::new(ManagerConfig { path_env: DEFAULT_PATH_ENV.into(), retention: Duration::from_secs(30) })
+    manager_with(Cgroups::detect().ok().map(Arc::new))
+}
+
+/// A manager whose commands share the test's cgroup: signals go to process groups.
+fn manager_without_cgroups() -> ProcessManager {
+    manager_with(None)
+}
+
+fn manager_with(cgroups: Option<Arc<Cgroups>>) -> ProcessManager {
+    ProcessManager::new(ManagerConfig {
+        path_env: DEFAULT_PATH_ENV.into(),
+        retention: Duration::from_secs(30),
+        cgroups,
+    })
+}
+
+/// The cgroups the cgroup tests use; None (saying why) where this machine has no writable
+/// cgroup v2 hierarchy.
+fn cgroups(test: &str) -> Option<Arc<Cgroups>> {
+    Cgroups::detect().inspect_err(|reason| eprintln!("SKIPPED {test}: {reason}")).ok().map(Arc::new)
 }
 
 /// The user the tests run as: spawning as yourself needs no privileges.
@@ -318,15 +338,152 @@ async fn pty_process_rejects_stdin_operations() {
 
 #[tokio::test]
 async fn signal_kills_the_whole_group() {
-    let pm = manager();
-    let mut p = pm.start(sh("sleep 1000 & echo $!; wait")).await.unwrap();
-    let line = read_until(&mut p.events, "\n").await;
-    let grandchild: u32 = line.trim().parse().unwrap();
-    assert!(!dead(grandchild));
-    pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
+    for pm in [manager(), manager_without_cgroups()] {
+        let mut p = pm.start(sh("sleep 1000 & echo $!; wait")).await.unwrap();
+        let line = read_until(&mut p.events, "\n").await;
+        let grandchild: u32 = line.trim().parse().unwrap();
+        assert!(!dead(grandchild));
+        pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
+        let out = collect(&mut p.events).await;
+        assert_eq!(out.end().status, "signal: killed");
+        assert!(wait_dead(grandchild).await, "background sleep was killed too");
+    }
+}
+
+/// With a cgroup per command, SIGTERM and SIGKILL also reach what left the process group
+/// (`setsid`), and the End does not wait for the drain grace: nothing holds the pipe any more.
+#[tokio::test]
+async fn with_cgroups_a_signal_reaches_descendants_that_left_the_group() {
+    let Some(cgroups) = cgroups("with_cgroups_a_signal_reaches_descendants_that_left_the_group") else { return };
+    let pm = manager_with(Some(cgroups));
+    for signal in [Signal::Term, Signal::Kill] {
+        let mut p = pm.start(sh("setsid sleep 1000 & echo $!; wait")).await.unwrap();
+        let line = read_until(&mut p.events, "\n").await;
+        let escaped: u32 = line.trim().parse().unwrap();
+        pm.signal(&Selector::Pid(p.pid), signal).unwrap();
+        let out = collect(&mut p.events).await;
+        let killed = wait_dead(escaped).await;
+        if !killed {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        assert!(killed, "{signal:?} reached the sleep that called setsid");
+        assert!(out.end.is_some());
+    }
+}
+
+#[tokio::test]
+async fn with_cgroups_the_timeout_reaches_descendants_that_left_the_group() {
+    let Some(cgroups) = cgroups("with_cgroups_the_timeout_reaches_descendants_that_left_the_group") else { return };
+    let pm = manager_with(Some(cgroups));
+    let mut s = sh("setsid sleep 1000 & echo $!; wait");
+    s.timeout = Some(Duration::from_millis(300));
+    let mut p = pm.start(s).await.unwrap();
+    let escaped: u32 = read_until(&mut p.events, "\n").await.trim().parse().unwrap();
     let out = collect(&mut p.events).await;
     assert_eq!(out.end().status, "signal: killed");
-    assert!(wait_dead(grandchild).await, "background sleep was killed too");
+    assert!(wait_dead(escaped).await, "the timeout reached the sleep that called setsid");
+}
+
+/// Each command starts in a cgroup of its own, beside guestd's. An ended command's empty cgroup
+/// serves a later command; shutdown removes them all.
+#[tokio::test]
+async fn with_cgroups_each_command_has_a_cgroup_of_its_own() {
+    let Some(cgroups) = cgroups("with_cgroups_each_command_has_a_cgroup_of_its_own") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let waiting = || StartSpec { stdin: true, ..sh("grep ^0:: /proc/self/cgroup; read -r _") };
+    let (mut first, mut second) = (pm.start(waiting()).await.unwrap(), pm.start(waiting()).await.unwrap());
+    let mut names = Vec::new();
+    for p in [&mut first, &mut second] {
+        let line = read_until(&mut p.events, "\n").await;
+        let name = line.trim().rsplit('/').next().unwrap().to_owned();
+        assert!(name.starts_with(&format!("guestd-{}-cmd-", std::process::id())), "{line}");
+        assert!(cgroups.dir().join(&name).is_dir());
+        names.push(name);
+    }
+    assert_ne!(names[0], names[1], "two commands at once, two cgroups");
+    for p in [&first, &second] {
+        pm.close_stdin(&Selector::Pid(p.pid)).unwrap();
+    }
+    collect(&mut first.events).await;
+    collect(&mut second.events).await;
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(100)).await; // the supervisors let go of them
+
+    let mut third = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+    let out = String::from_utf8(collect(&mut third.events).await.stdout).unwrap();
+    assert!(names.iter().any(|n| out.trim().ends_with(&format!("/{n}"))), "an emptied cgroup is reused: {out}");
+    drop(third);
+    pm.shutdown(Duration::from_secs(1)).await;
+    for name in &names {
+        assert!(!cgroups.dir().join(name).exists(), "{name} removed at shutdown");
+    }
+}
+
+/// A daemon the command left running keeps its cgroup, which no other command gets; once the
+/// daemon has gone, a later spawn removes the cgroup.
+#[tokio::test]
+async fn with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn() {
+    let Some(cgroups) = cgroups("with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let mut p = pm
+        .start(sh("setsid sleep 1000 >/dev/null 2>&1 </dev/null & echo $!; grep ^0:: /proc/self/cgroup"))
+        .await
+        .unwrap();
+    let out = collect(&mut p.events).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let daemon: i32 = lines.next().unwrap().parse().unwrap();
+    let name = lines.next().unwrap().rsplit('/').next().unwrap().to_owned();
+    drop(p);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let path = cgroups.dir().join(&name);
+    assert!(path.exists(), "the daemon keeps {} in use", path.display());
+    let mut q = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+    let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
+    assert!(!other.trim().ends_with(&format!("/{name}")), "the daemon's cgroup is not reused: {other}");
+
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL);
+    assert!(wait_dead(daemon as u32).await);
+    let mut r = pm.start(spec("true", &[])).await.unwrap();
+    collect(&mut r.events).await;
+    assert!(!path.exists(), "a later spawn removed {}", path.display());
+}
+
+/// A killed command's cgroup is never handed to a later command (Linux would kill it at birth,
+/// see `sys::spawn`): commands after a kill run, in cgroups of their own.
+#[tokio::test]
+async fn with_cgroups_commands_after_a_kill_run_normally() {
+    let Some(cgroups) = cgroups("with_cgroups_commands_after_a_kill_run_normally") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let mut p = pm.start(sh("echo up; sleep 1000")).await.unwrap();
+    read_until(&mut p.events, "up\n").await;
+    pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
+    assert_eq!(collect(&mut p.events).await.end().status, "signal: killed");
+    drop(p);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(50)).await; // the killed one is released
+        let mut q = pm.start(sh("echo ok")).await.unwrap();
+        let out = collect(&mut q.events).await;
+        assert_eq!((out.stdout.as_slice(), out.end().exit_code), (&b"ok\n"[..], 0));
+    }
+    assert!(cgroups.active());
+}
+
+/// A directory that is no cgroup: the kernel refuses to start the child there, the command
+/// starts anyway (in guestd's cgroup), and later commands do not try again.
+#[tokio::test]
+async fn a_command_the_kernel_cannot_start_in_a_cgroup_starts_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let cgroups = Arc::new(Cgroups::at(dir.path().to_owned()));
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    for _ in 0..2 {
+        let mut p = pm.start(sh("echo started")).await.unwrap();
+        let out = collect(&mut p.events).await;
+        assert_eq!(out.stdout, b"started\n");
+        assert!(!cgroups.active(), "cgroups are off after the refusal");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left in the directory");
 }
 
 #[tokio::test]
@@ -341,7 +498,7 @@ async fn sigterm_is_reported_as_terminated() {
 
 #[tokio::test]
 async fn end_follows_the_signal_even_if_an_escaped_descendant_holds_the_pipe() {
-    let pm = manager();
+    let pm = manager_without_cgroups();
     // setsid moves the sleep out of the group, so the group kill misses it and it keeps stdout.
     let mut p = pm.start(sh("setsid sleep 1000 & echo $!; echo ready; wait")).await.unwrap();
     let text = read_until(&mut p.events, "ready\n").await;
@@ -617,7 +774,7 @@ async fn a_start_racing_shutdown_leaves_nothing_running() {
 /// rather than failing with ESRCH, and the End follows.
 #[tokio::test]
 async fn a_kill_after_the_leader_exited_succeeds_while_an_escaped_descendant_holds_the_output() {
-    let pm = manager();
+    let pm = manager_without_cgroups();
     let mut p = pm.start(sh("setsid sleep 1000 & echo $!")).await.unwrap();
     let text = read_until(&mut p.events, "\n").await;
     let escaped: i32 = text.trim().parse().unwrap();
