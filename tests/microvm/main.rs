@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use common::sha256_file;
 use guestd::client::{
-    Client, ClientOptions, Command, ConnectOptions, GuestAddr, InitRequest, NoProgress, RunEvent, Selector,
+    Client, ClientOptions, Command, ConnectOptions, GuestAddr, InitRequest, NoProgress, RunEvent, Selector, Signal,
 };
 
 /// The guest port guestd listens on (`/init` passes `--listen vsock://-1:49983`).
@@ -335,6 +335,21 @@ async fn drive(vm: &mut Vm) {
         "4194304",
         "guestd raises pid_max as systemd does"
     );
+
+    // ---- a cgroup per command (guestd mounted cgroup2): a kill reaches what called setsid ----
+    let cgroup = sh(&client, "grep ^0:: /proc/self/cgroup").await;
+    assert!(cgroup.starts_with("0::/guestd-1-cmd-"), "each command starts in a cgroup of its own: {cgroup}");
+    let mut daemonizing = client.run(&Command::shell("setsid sleep 1000 & echo $!; wait")).await.unwrap();
+    let escaped = match daemonizing.next().await {
+        Some(Ok(RunEvent::Stdout(pid))) => String::from_utf8(pid.to_vec()).unwrap().trim().to_owned(),
+        other => panic!("the escaped sleep's pid: {other:?}"),
+    };
+    client.signal(&Selector::Pid(daemonizing.pid), Signal::Kill).await.unwrap();
+    assert_eq!(daemonizing.wait().await.unwrap().status.status, "signal: killed");
+    let wait_gone =
+        format!("for i in $(seq 50); do test -e /proc/{escaped} || {{ echo gone; exit; }}; sleep 0.1; done");
+    assert_eq!(sh(&client, &wait_gone).await, "gone\n", "the kill reached sleep {escaped}, which called setsid");
+
     let kernel = sh(&client, "uname -r").await.trim().to_owned();
     let clocksource = sh(&client, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource").await;
     // When guestd started listening, on the guest clock: its log line's wall-clock time minus
