@@ -124,6 +124,11 @@ struct Mem {
     cache: u64,
 }
 
+/// The machine's memory (`MemTotal`) in bytes.
+pub fn mem_total() -> Option<u64> {
+    meminfo().ok().map(|mem| mem.total)
+}
+
 fn meminfo() -> Result<Mem, MetricsError> {
     const PATH: &str = "/proc/meminfo";
     let text = std::fs::read_to_string(PATH).map_err(|source| MetricsError::Read { path: PATH, source })?;

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use crate::boot::Boot;
 use crate::config::{Config, ListenAddr};
 use crate::host::MetricsSource;
-use crate::process::cgroup::Cgroups;
+use crate::process::cgroup::{CgroupSource, Cgroups};
 use crate::process::{ManagerConfig, ProcessManager};
 use crate::session::{Session, SystemClock};
 use crate::{Agent, http, rpc};
@@ -168,12 +168,19 @@ impl Server {
 /// router that holds the tonic services and the plain HTTP routes.
 type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
 
-/// Where commands get cgroups of their own, if anywhere (logged either way).
-fn command_cgroups(config: &Config) -> Option<Arc<Cgroups>> {
+/// Where commands get cgroups of their own, if anywhere (logged either way), searched for on a
+/// thread of its own while guestd starts serving.
+fn command_cgroups(config: &Config) -> Arc<CgroupSource> {
     if !config.cgroups {
         info!("--no-cgroups: commands run in guestd's cgroup; signals reach their process groups");
-        return None;
+        return CgroupSource::known(None);
     }
+    let source = CgroupSource::new(find_cgroups);
+    source.prepare();
+    source
+}
+
+fn find_cgroups() -> Option<Arc<Cgroups>> {
     match Cgroups::detect() {
         Ok(cgroups) => {
             info!(dir = %cgroups.dir().display(), "each command runs in a cgroup of its own");

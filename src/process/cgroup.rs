@@ -6,27 +6,38 @@
 //! kill through it (`cgroup.kill`) reaches exactly those processes, race-free, however they
 //! regrouped.
 //!
-//! guestd uses the cgroup v2 hierarchy it runs in: it creates `guestd-<pid>-cmd-<n>` beside
-//! itself, in its own cgroup (the root in a micro-VM where guestd is PID 1 and mounts cgroup2; the
-//! service's cgroup under systemd, with `Delegate=yes`). No controller is enabled, so nothing
-//! about the command's resources changes. Each child starts inside its cgroup
+//! guestd uses the cgroup v2 hierarchy it runs in: it creates `guestd-<pid>-cmd-<n>` in its own
+//! cgroup (the service's cgroup under systemd, with `Delegate=yes`), or, where that is the root
+//! (a micro-VM where guestd is PID 1 and mounts cgroup2), in `guestd-commands` below it. A
+//! command's cgroup enables no controller of its own. Each child starts inside its cgroup
 //! (`clone3(CLONE_INTO_CGROUP)`, see `sys::spawn`). When its command is forgotten, an empty
 //! cgroup is kept for a later command (a few are) or removed; one still holding processes (a
 //! daemon the command left running) lingers and is removed by a later spawn once empty. Nothing
 //! is ever started in a cgroup that still holds another command's processes.
+//!
+//! `guestd-commands` gets limits that keep the machine usable for the agent whatever the commands
+//! do together (envd gives its `user` cgroup the same memory and CPU limits), set off the spawn
+//! path once guestd serves ([`CgroupSource::prepare`]):
+//! - `memory.high` = `memory.max` = the machine's memory less 1/8 of it (at most 128 MiB): a
+//!   command that allocates without bound is reclaimed, then OOM-killed inside that cgroup,
+//!   before guestd's own pages are touched;
+//! - `cpu.weight` 50 (guestd's threads weigh 100 each): the agent answers under a CPU hog;
+//! - `pids.max` = `kernel.threads-max` less 1/16 of it (at least 64): a fork bomb cannot take
+//!   the last task slots, which guestd needs to start threads and commands.
 //!
 //! Where there is no writable cgroup v2 (a container's read-only `/sys/fs/cgroup`, a cgroup v1
 //! machine, `--no-cgroups`), or the kernel refuses `CLONE_INTO_CGROUP` (before 5.7, or a seccomp
 //! filter hiding `clone3`), commands run as before: signals go to the process group.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -35,6 +46,12 @@ use nix::unistd::Pid;
 /// later. Past this the oldest is forgotten (an empty cgroup left behind costs a few KiB of
 /// kernel memory; nothing else).
 const MAX_LINGERING: usize = 1024;
+
+/// Interface files and the values written to them.
+type Limits = Vec<(&'static str, String)>;
+
+/// The cgroup holding every command's cgroup where guestd runs in the root cgroup.
+pub const COMMANDS: &str = "guestd-commands";
 
 /// Emptied cgroups kept for the next commands: reusing one saves a `mkdir` and an `rmdir` per
 /// command (together about a tenth of a `true` round trip).
@@ -47,10 +64,60 @@ const SIGNAL_PASSES: usize = 8;
 /// Numbers the cgroups of all managers in this process (tests run several).
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// How a manager finds its [`Cgroups`]: on first use, or ahead of it on a thread of its own.
+/// At boot in a VM, finding the hierarchy and setting up `guestd-commands` takes tens of
+/// milliseconds, better spent while the host is still connecting than before guestd listens.
+pub struct CgroupSource(LazyLock<Option<Arc<Cgroups>>, Find>);
+
+type Find = Box<dyn FnOnce() -> Option<Arc<Cgroups>> + Send>;
+
+impl CgroupSource {
+    /// `find` runs once, on the first [`CgroupSource::get`] or [`CgroupSource::prepare`].
+    pub fn new(find: impl FnOnce() -> Option<Arc<Cgroups>> + Send + 'static) -> Arc<CgroupSource> {
+        Arc::new(CgroupSource(LazyLock::new(Box::new(find))))
+    }
+
+    /// Already known (tests, embedders).
+    pub fn known(cgroups: Option<Arc<Cgroups>>) -> Arc<CgroupSource> {
+        CgroupSource::new(move || cgroups)
+    }
+
+    /// Runs the search now, on a thread of its own at the lowest priority (it fills the time
+    /// guestd waits for its first client; a `get` meanwhile waits for it), then sets the
+    /// commands' shared limits ([`Cgroups::limit`]), which no spawn waits for.
+    pub fn prepare(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let started = std::thread::Builder::new().name("cgroups".into()).spawn(move || {
+            crate::sys::limits::lowest_priority_for_this_thread();
+            if let Some(cgroups) = LazyLock::force(&this.0) {
+                match cgroups.limit() {
+                    Ok(limits) => tracing::info!(dir = %cgroups.dir.display(), %limits, "limits the commands share"),
+                    Err(reason) => tracing::info!(%reason, "no limits the commands share"),
+                }
+            }
+        });
+        if let Err(error) = started {
+            tracing::debug!(%error, "no thread to find cgroups ahead of the first command");
+        }
+    }
+
+    pub fn get(&self) -> Option<&Arc<Cgroups>> {
+        self.0.as_ref()
+    }
+}
+
+impl fmt::Debug for CgroupSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CgroupSource { .. }")
+    }
+}
+
 /// The directory commands' cgroups are created in, and the ones waiting to be removed.
 #[derive(Debug)]
 pub struct Cgroups {
     dir: PathBuf,
+    /// The root cgroup, where guestd runs in it (`dir` is then `guestd-commands`).
+    root: Option<PathBuf>,
     /// Cleared for good by the first spawn the kernel refuses to start in a cgroup.
     enabled: AtomicBool,
     /// Empty cgroups of ended commands, ready for the next ones.
@@ -68,7 +135,9 @@ struct Lingering {
 
 impl Cgroups {
     /// The cgroup v2 directory guestd runs in, if it may create cgroups there; otherwise why not.
-    /// Removes the empty cgroups an earlier guestd left there (it ended without its shutdown).
+    /// Where guestd runs in the root cgroup, commands go into `guestd-commands` below it (its
+    /// limits are set by [`Cgroups::limit`]). Removes the empty cgroups an earlier guestd left
+    /// (it ended without its shutdown).
     pub fn detect() -> Result<Cgroups, String> {
         let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
         let own = unified_path(&own).ok_or("guestd is in no cgroup v2 hierarchy (no 0:: line in /proc/self/cgroup)")?;
@@ -77,14 +146,39 @@ impl Cgroups {
         let dir = cgroup2_dir(&mounts, own).ok_or_else(|| format!("no cgroup2 mount shows guestd's cgroup {own}"))?;
         nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK)
             .map_err(|e| format!("cannot create cgroups in {}: {e}", dir.display()))?;
-        remove_stale(&dir);
-        Ok(Cgroups::at(dir))
+        let commands = dir.join(COMMANDS);
+        let cgroups = match fs::create_dir(&commands) {
+            Ok(()) => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
+            Err(error) => {
+                tracing::debug!(dir = %commands.display(), %error, "commands' cgroups go beside guestd instead");
+                Cgroups::at(dir)
+            }
+        };
+        remove_stale(&cgroups.dir);
+        Ok(cgroups)
     }
 
     /// Commands' cgroups go into `dir` (which must be a cgroup v2 directory for spawns into them
-    /// to work; see [`Cgroups::refused`]).
+    /// to work; see [`Cgroups::refused`]), with no limits.
     pub fn at(dir: PathBuf) -> Cgroups {
-        Cgroups { dir, enabled: AtomicBool::new(true), spare: Mutex::default(), lingering: Mutex::default() }
+        Cgroups {
+            dir,
+            root: None,
+            enabled: AtomicBool::new(true),
+            spare: Mutex::default(),
+            lingering: Mutex::default(),
+        }
+    }
+
+    /// Sets the limits all commands share (see the module docs); returns them as `file=value`
+    /// pairs, or why there are none. A limit the kernel does not offer is left out. (Enabling a
+    /// controller while commands run moves them, which takes a lock whose first use can wait
+    /// for an RCU grace period: this runs off the spawn path.)
+    pub fn limit(&self) -> Result<String, String> {
+        let root = self.root.as_deref().ok_or("guestd does not run in the root cgroup")?;
+        let limits = limit_commands(root, &self.dir)?;
+        Ok(limits.iter().map(|(file, value)| format!("{file}={value}")).collect::<Vec<_>>().join(" "))
     }
 
     pub fn dir(&self) -> &Path {
@@ -103,29 +197,40 @@ impl Cgroups {
             return None;
         }
         self.sweep_if_due();
+        // A spare another guestd removed (see `remove_stale`) is skipped; so is a name in use
+        // (guestds in different PID namespaces sharing one cgroup may have the same pid).
         let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let made = match spare {
-            Some(path) => open_dir(&path).map(|dir| (path, dir)),
-            None => {
-                let path = self.dir.join(format!(
-                    "guestd-{}-cmd-{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                ));
-                fs::create_dir(&path).and_then(|()| {
-                    open_dir(&path).map(|dir| (path.clone(), dir)).inspect_err(|_| {
+        if let Some(found) = spare.and_then(|path| Some((open_dir(&path).ok()?, path))) {
+            return Some(self.own(found));
+        }
+        let mut error = None;
+        for _ in 0..8 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(format!("guestd-{}-cmd-{n}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => match open_dir(&path) {
+                    Ok(dir) => return Some(self.own((dir, path))),
+                    Err(e) => {
                         let _ = fs::remove_dir(&path);
-                    })
-                })
-            }
-        };
-        match made {
-            Ok((path, dir)) => Some((Cgroup { path, killed: AtomicBool::new(false), owner: Arc::clone(self) }, dir)),
-            Err(error) => {
-                tracing::warn!(dir = %self.dir.display(), %error, "cannot create a cgroup for a command: it runs in guestd's");
-                None
+                        error = Some(e);
+                        break;
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => error = Some(e),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             }
         }
+        if let Some(error) = error {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot create a cgroup for a command: it runs in guestd's");
+        }
+        None
+    }
+
+    fn own(self: &Arc<Self>, (dir, path): (OwnedFd, PathBuf)) -> (Cgroup, OwnedFd) {
+        (Cgroup { path, killed: AtomicBool::new(false), owner: Arc::clone(self) }, dir)
     }
 
     /// The kernel would not start a child in a cgroup: commands run without from now on.
@@ -236,6 +341,50 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         self.owner.release(std::mem::take(&mut self.path), *self.killed.get_mut());
     }
+}
+
+/// Enables the cpu, memory and pids controllers for the root's children and sets `commands`'
+/// limits (see the module docs): the limits set, or why there are none.
+fn limit_commands(root: &Path, commands: &Path) -> Result<Limits, String> {
+    let available =
+        fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| format!("cgroup.controllers: {e}"))?;
+    let wanted: Vec<&str> =
+        ["cpu", "memory", "pids"].into_iter().filter(|c| available.split_whitespace().any(|a| a == *c)).collect();
+    if wanted.is_empty() {
+        return Err(format!("none of the cpu, memory, pids controllers is available in {}", root.display()));
+    }
+    let enable: Vec<String> = wanted.iter().map(|c| format!("+{c}")).collect();
+    fs::write(root.join("cgroup.subtree_control"), enable.join(" "))
+        .map_err(|e| format!("enabling {} in {}: {e}", enable.join(" "), root.display()))?;
+    let mem_total = crate::host::mem_total().ok_or("no MemTotal in /proc/meminfo")?;
+    let threads_max = fs::read_to_string("/proc/sys/kernel/threads-max")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or("no /proc/sys/kernel/threads-max")?;
+    let mut set = Vec::new();
+    for (file, value) in command_limits(mem_total, threads_max) {
+        let controller = file.split('.').next().unwrap_or_default();
+        if !wanted.contains(&controller) {
+            continue;
+        }
+        match fs::write(commands.join(file), &value) {
+            Ok(()) => set.push((file, value)),
+            Err(error) => tracing::warn!(file, value, %error, "cannot set a limit for the commands' cgroup"),
+        }
+    }
+    Ok(set)
+}
+
+/// The limits all commands share on a machine with `mem_total` bytes and `threads_max` tasks.
+fn command_limits(mem_total: u64, threads_max: u64) -> [(&'static str, String); 4] {
+    let memory = mem_total - (mem_total / 8).min(128 << 20);
+    let pids = threads_max - (threads_max / 16).max(64).min(threads_max / 2);
+    [
+        ("memory.high", memory.to_string()),
+        ("memory.max", memory.to_string()),
+        ("cpu.weight", "50".to_owned()),
+        ("pids.max", pids.to_string()),
+    ]
 }
 
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
@@ -355,6 +504,19 @@ mod tests {
                 assert!(error.to_string().contains("killed before it ran"), "{error}");
             }
         }
+    }
+
+    #[test]
+    fn command_limits_leave_the_agent_memory_and_task_slots() {
+        let limits = command_limits(256 << 20, 2000);
+        assert_eq!(limits[0], ("memory.high", (224u64 << 20).to_string()));
+        assert_eq!(limits[1], ("memory.max", (224u64 << 20).to_string()));
+        assert_eq!(limits[2], ("cpu.weight", "50".to_owned()));
+        assert_eq!(limits[3], ("pids.max", "1875".to_owned()));
+        let big = command_limits(16 << 30, 100_000);
+        assert_eq!(big[0].1, ((16u64 << 30) - (128 << 20)).to_string(), "at most 128 MiB is kept back");
+        assert_eq!(big[3].1, (100_000 - 6250).to_string());
+        assert_eq!(command_limits(1 << 30, 100)[3].1, "50", "at most half the task slots are kept back");
     }
 
     /// A mount of a subtree (a container's cgroup namespace seen from outside, a bind mount)

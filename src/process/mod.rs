@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::cgroup::{Cgroup, Cgroups};
+use self::cgroup::{Cgroup, CgroupSource};
 use self::io::{Input, InputError};
 pub use self::io::{PIPE_SIZE, READ_CHUNK};
 pub use self::output::Subscription;
@@ -109,8 +109,8 @@ pub struct ManagerConfig {
     pub path_env: String,
     /// How long a finished process stays reachable by Connect (>= 30 s).
     pub retention: Duration,
-    /// Where each command gets a cgroup of its own; None: commands share guestd's.
-    pub cgroups: Option<Arc<Cgroups>>,
+    /// Where each command gets a cgroup of its own (if anywhere: else commands share guestd's).
+    pub cgroups: Arc<CgroupSource>,
 }
 
 /// How an RPC names a process.
@@ -475,7 +475,7 @@ impl ProcessManager {
         let limits = if spec.replay { self.inner.limits.with_replay_tail() } else { self.inner.limits };
         let log = OutputLog::new(limits);
         let events = log.subscribe_at_tail();
-        let launched = spawn::launch(&self.inner.cfg.path_env, self.inner.cfg.cgroups.as_ref(), &spec)?;
+        let launched = spawn::launch(&self.inner.cfg.path_env, self.inner.cfg.cgroups.get(), &spec)?;
         let pid = launched.pid;
         tracing::Span::current().record("pid", pid);
         log.set_pid(pid);
@@ -643,7 +643,7 @@ impl ProcessManager {
         if tokio::time::timeout(KILL_WAIT, self.inner.tasks.wait()).await.is_err() {
             tracing::warn!("process tasks still running after shutdown");
         }
-        if let Some(cgroups) = &self.inner.cfg.cgroups {
+        if let Some(cgroups) = self.inner.cfg.cgroups.get() {
             cgroups.sweep();
         }
     }

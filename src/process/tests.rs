@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::cgroup::Cgroups;
 use super::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -25,7 +26,7 @@ fn manager_with(cgroups: Option<Arc<Cgroups>>) -> ProcessManager {
     ProcessManager::new(ManagerConfig {
         path_env: DEFAULT_PATH_ENV.into(),
         retention: Duration::from_secs(30),
-        cgroups,
+        cgroups: CgroupSource::known(cgroups),
     })
 }
 
@@ -468,6 +469,24 @@ async fn with_cgroups_commands_after_a_kill_run_normally() {
         assert_eq!((out.stdout.as_slice(), out.end().exit_code), (&b"ok\n"[..], 0));
     }
     assert!(cgroups.active());
+}
+
+/// A spare cgroup that went away meanwhile (another guestd's stale-cgroup sweep) is skipped.
+#[tokio::test]
+async fn with_cgroups_a_spare_removed_meanwhile_is_skipped() {
+    let Some(cgroups) = cgroups("with_cgroups_a_spare_removed_meanwhile_is_skipped") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let own_cgroup = || async {
+        let mut p = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+        let out = String::from_utf8(collect(&mut p.events).await.stdout).unwrap();
+        out.trim().rsplit('/').next().unwrap().to_owned()
+    };
+    let first = own_cgroup().await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // released as a spare
+    std::fs::remove_dir(cgroups.dir().join(&first)).unwrap();
+    let second = own_cgroup().await;
+    assert_ne!(first, second);
+    assert!(second.starts_with("guestd-") && cgroups.active(), "{second}");
 }
 
 /// A directory that is no cgroup: the kernel refuses to start the child there, the command

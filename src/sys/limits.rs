@@ -36,3 +36,14 @@ pub fn raise_nofile() -> io::Result<Option<(u64, u64)>> {
 pub fn child_nofile() -> Option<[u64; 2]> {
     CHILD_NOFILE.get().copied()
 }
+
+/// Gives the calling thread the lowest priority (nice 19), best effort: for work that should
+/// fill idle time rather than delay anything else.
+pub fn lowest_priority_for_this_thread() {
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who = 0 names the
+    // calling thread (priorities are per thread), so no other thread of guestd is affected.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, 19) };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower this thread's priority");
+    }
+}

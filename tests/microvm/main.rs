@@ -338,7 +338,30 @@ async fn drive(vm: &mut Vm) {
 
     // ---- a cgroup per command (guestd mounted cgroup2): a kill reaches what called setsid ----
     let cgroup = sh(&client, "grep ^0:: /proc/self/cgroup").await;
-    assert!(cgroup.starts_with("0::/guestd-1-cmd-"), "each command starts in a cgroup of its own: {cgroup}");
+    assert!(
+        cgroup.starts_with("0::/guestd-commands/guestd-1-cmd-"),
+        "each command starts in a cgroup of its own, inside the commands' shared one: {cgroup}"
+    );
+    // Set once guestd serves, off the spawn path: wait for them.
+    let limits = sh(
+        &client,
+        "cd /sys/fs/cgroup/guestd-commands; for i in $(seq 50); do [ -e pids.max ] && [ \"$(cat pids.max)\" != max ] && break; sleep 0.1; done; \
+         cat memory.max cpu.weight pids.max",
+    )
+    .await;
+    let limits: Vec<u64> = limits.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    let mem_total: u64 =
+        sh(&client, "grep MemTotal /proc/meminfo").await.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // 7/8 of the memory (the kernel rounds it down to a page).
+    let seven_eighths = mem_total * 1024 / 8 * 7;
+    assert!((seven_eighths - 4096..=seven_eighths).contains(&limits[0]), "memory.max {limits:?} of {mem_total} kB");
+    assert_eq!(limits[1], 50, "cpu.weight");
+    // A command that allocates without bound is OOM-killed inside the commands' cgroup, and
+    // guestd goes on answering (`tail` keeps the whole never-ending line of /dev/zero).
+    let hog = client.output(&Command::shell("tail /dev/zero")).await.unwrap();
+    assert_eq!(hog.status.status, "signal: killed", "{hog:?}");
+    let events = sh(&client, "grep oom_kill /sys/fs/cgroup/guestd-commands/memory.events").await;
+    assert_ne!(events.trim(), "oom_kill 0", "the commands' own OOM killer took the hog: {events}");
     let mut daemonizing = client.run(&Command::shell("setsid sleep 1000 & echo $!; wait")).await.unwrap();
     let escaped = match daemonizing.next().await {
         Some(Ok(RunEvent::Stdout(pid))) => String::from_utf8(pid.to_vec()).unwrap().trim().to_owned(),
