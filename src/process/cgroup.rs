@@ -312,7 +312,10 @@ impl Cgroup {
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
         if signal == Signal::SIGKILL {
             self.killed.store(true, Ordering::Relaxed);
-            match fs::write(self.path.join("cgroup.kill"), "1") {
+            // Not `fs::write`: creating a missing file in cgroupfs fails with EACCES, which would
+            // hide that the kernel has no `cgroup.kill`.
+            let kill = fs::OpenOptions::new().write(true).open(self.path.join("cgroup.kill"));
+            match kill.and_then(|mut file| io::Write::write_all(&mut file, b"1")) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && self.path.exists() => {} // before 5.14
                 result => return result,
             }
@@ -504,6 +507,25 @@ mod tests {
                 assert!(error.to_string().contains("killed before it ran"), "{error}");
             }
         }
+    }
+
+    /// Before Linux 5.14 there is no `cgroup.kill`: SIGKILL then goes to each member. (A plain
+    /// directory stands in for such a cgroup; it can hold no `cgroup.kill`, as cgroupfs cannot.)
+    #[test]
+    fn without_cgroup_kill_sigkill_goes_to_each_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cgroup, _dir) = Arc::new(Cgroups::at(dir.path().to_owned())).create().unwrap();
+        let mut sleep = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+        fs::write(cgroup.path().join("cgroup.procs"), format!("{}\n", sleep.id())).unwrap();
+        let signalled = cgroup.signal(Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while sleep.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = kill(Pid::from_raw(sleep.id() as i32), Signal::SIGTERM); // if it is still there
+        let status = sleep.wait().unwrap();
+        signalled.unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "SIGKILL reached the member");
     }
 
     #[test]
