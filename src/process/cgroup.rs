@@ -42,6 +42,8 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::sys::spawn::IntoCgroupError;
+
 /// Cgroups still holding processes after their command was forgotten, remembered to be removed
 /// later. Past this the oldest is forgotten (an empty cgroup left behind costs a few KiB of
 /// kernel memory; nothing else).
@@ -233,8 +235,15 @@ impl Cgroups {
         (Cgroup { path, killed: AtomicBool::new(false), owner: Arc::clone(self) }, dir)
     }
 
-    /// The kernel would not start a child in a cgroup: commands run without from now on.
-    pub fn refused(&self, error: &io::Error) {
+    /// The kernel would not start a child in `cgroup` (nothing was started): what the spawn does
+    /// next. A limit reached fails it, as it would fail a fork; anything else means cgroups do
+    /// not work here: the command starts without one, and so do all later commands.
+    pub fn refused(&self, cgroup: Cgroup, error: &IntoCgroupError) -> Refused {
+        // EAGAIN: the commands' `pids.max` (charged to the cgroup the child starts in) or the
+        // machine's task slots; starting the command elsewhere would take it out of the limit.
+        if matches!(error.source.raw_os_error(), Some(nix::libc::EAGAIN | nix::libc::ENOMEM)) {
+            return Refused::Fail;
+        }
         if self.enabled.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 dir = %self.dir.display(),
@@ -242,6 +251,8 @@ impl Cgroups {
                 "commands cannot start in cgroups of their own: signals reach their process groups only"
             );
         }
+        drop(cgroup); // removed: cgroups are off
+        Refused::Retry(None)
     }
 
     /// Keeps an ended command's cgroup for the next command if it is empty, was never killed
@@ -290,6 +301,14 @@ impl Cgroups {
         lingering.created = 0;
         lingering.dirs.retain(|dir| fs::remove_dir(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
     }
+}
+
+/// What a spawn does once the kernel refused to start its child in a cgroup ([`Cgroups::refused`]).
+pub enum Refused {
+    /// Fail with that error.
+    Fail,
+    /// Start the command again, in this cgroup (None: in guestd's).
+    Retry(Option<(Cgroup, OwnedFd)>),
 }
 
 /// One command's cgroup; kept as a spare, removed or left lingering on drop.
@@ -503,7 +522,7 @@ mod tests {
                 assert_eq!(status, nix::sys::wait::WaitStatus::Exited(Pid::from_raw(pid as i32), 0));
             }
             Err(error) => {
-                assert!(error.get_ref().is_some_and(|e| e.is::<crate::sys::spawn::IntoCgroupError>()), "{error}");
+                assert!(error.get_ref().is_some_and(|e| e.is::<IntoCgroupError>()), "{error}");
                 assert!(error.to_string().contains("killed before it ran"), "{error}");
             }
         }
@@ -526,6 +545,24 @@ mod tests {
         let status = sleep.wait().unwrap();
         signalled.unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "SIGKILL reached the member");
+    }
+
+    /// A spawn that hits a limit (the commands' `pids.max`: EAGAIN) fails as a fork would; it
+    /// neither turns cgroups off nor starts the command outside the limit. Anything else does.
+    #[test]
+    fn a_limit_reached_fails_the_spawn_and_leaves_cgroups_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroups = Arc::new(Cgroups::at(dir.path().to_owned()));
+        for errno in [nix::libc::EAGAIN, nix::libc::ENOMEM] {
+            let (cgroup, _dir) = cgroups.create().unwrap();
+            let error = IntoCgroupError { source: io::Error::from_raw_os_error(errno) };
+            assert!(matches!(cgroups.refused(cgroup, &error), Refused::Fail), "{error}");
+            assert!(cgroups.active(), "{error}");
+        }
+        let (cgroup, _dir) = cgroups.create().unwrap();
+        let error = IntoCgroupError { source: io::Error::from_raw_os_error(nix::libc::ENOSYS) };
+        assert!(matches!(cgroups.refused(cgroup, &error), Refused::Retry(None)));
+        assert!(!cgroups.active());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use nix::unistd::Uid;
 
-use super::cgroup::{Cgroup, Cgroups};
+use super::cgroup::{Cgroup, Cgroups, Refused};
 use super::reaper::{self, Exit};
 use super::{ProcessError, StartSpec};
 use crate::paths;
@@ -99,12 +99,13 @@ pub(super) fn launch(
     };
     let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
     let mut spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
-    if let (Err(error), Some(cgroups)) = (&spawned, cgroups)
-        && error.get_ref().is_some_and(|e| e.is::<IntoCgroupError>())
+    // Nothing was started: start it again elsewhere, or fail (see `Cgroups::refused`).
+    while let (Err(error), Some(cgroups)) = (&spawned, cgroups)
+        && let Some(refusal) = error.get_ref().and_then(|e| e.downcast_ref::<IntoCgroupError>())
+        && let Some(refused) = cgroup.take()
+        && let Refused::Retry(next) = cgroups.refused(refused, refusal)
     {
-        // Nothing was started: start it again, without a cgroup (and no later command tries).
-        cgroups.refused(error);
-        (cgroup, setup.cgroup) = (None, None);
+        (cgroup, setup.cgroup) = next.unzip();
         spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
     }
     let (pid, exit) = spawned.map_err(spawn_error)?;
