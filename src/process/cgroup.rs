@@ -120,7 +120,8 @@ pub struct Cgroups {
     dir: PathBuf,
     /// The root cgroup, where guestd runs in it (`dir` is then `guestd-commands`).
     root: Option<PathBuf>,
-    /// Cleared for good by the first spawn the kernel refuses to start in a cgroup.
+    /// Cleared for good by the first spawn the kernel refuses to start in a new cgroup (for a
+    /// reason other than a limit: see [`Cgroups::refused`]).
     enabled: AtomicBool,
     /// Empty cgroups of ended commands, ready for the next ones.
     spare: Mutex<Vec<PathBuf>>,
@@ -203,15 +204,20 @@ impl Cgroups {
         // (guestds in different PID namespaces sharing one cgroup may have the same pid).
         let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
         if let Some(found) = spare.and_then(|path| Some((open_dir(&path).ok()?, path))) {
-            return Some(self.own(found));
+            return Some(self.own(found, true));
         }
+        self.create_new()
+    }
+
+    /// A new cgroup for one command, as [`Cgroups::create`], never a spare.
+    fn create_new(self: &Arc<Self>) -> Option<(Cgroup, OwnedFd)> {
         let mut error = None;
         for _ in 0..8 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let path = self.dir.join(format!("guestd-{}-cmd-{n}", std::process::id()));
             match fs::create_dir(&path) {
                 Ok(()) => match open_dir(&path) {
-                    Ok(dir) => return Some(self.own((dir, path))),
+                    Ok(dir) => return Some(self.own((dir, path), false)),
                     Err(e) => {
                         let _ = fs::remove_dir(&path);
                         error = Some(e);
@@ -231,18 +237,30 @@ impl Cgroups {
         None
     }
 
-    fn own(self: &Arc<Self>, (dir, path): (OwnedFd, PathBuf)) -> (Cgroup, OwnedFd) {
-        (Cgroup { path, killed: AtomicBool::new(false), owner: Arc::clone(self) }, dir)
+    fn own(self: &Arc<Self>, (dir, path): (OwnedFd, PathBuf), spare: bool) -> (Cgroup, OwnedFd) {
+        (Cgroup { path, killed: AtomicBool::new(false), spare, owner: Arc::clone(self) }, dir)
     }
 
     /// The kernel would not start a child in `cgroup` (nothing was started): what the spawn does
-    /// next. A limit reached fails it, as it would fail a fork; anything else means cgroups do
-    /// not work here: the command starts without one, and so do all later commands.
-    pub fn refused(&self, cgroup: Cgroup, error: &IntoCgroupError) -> Refused {
+    /// next. A limit reached fails it, as it would fail a fork; a spare that went bad is replaced
+    /// by a new cgroup; anything else means cgroups do not work here: the command starts without
+    /// one, and so do all later commands.
+    pub fn refused(self: &Arc<Self>, cgroup: Cgroup, error: &IntoCgroupError) -> Refused {
         // EAGAIN: the commands' `pids.max` (charged to the cgroup the child starts in) or the
         // machine's task slots; starting the command elsewhere would take it out of the limit.
         if matches!(error.source.raw_os_error(), Some(nix::libc::EAGAIN | nix::libc::ENOMEM)) {
             return Refused::Fail;
+        }
+        if cgroup.spare {
+            // Killed from outside since its command ended (a `cgroup.kill` on it or on the
+            // directory above, which kills the other spares too: Linux kills every child later
+            // started there, see `sys::spawn`), or removed: none of the spares is used again.
+            cgroup.killed.store(true, Ordering::Relaxed);
+            drop(cgroup);
+            for path in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+                let _ = fs::remove_dir(path);
+            }
+            return Refused::Retry(self.create_new());
         }
         if self.enabled.swap(false, Ordering::Relaxed) {
             tracing::warn!(
@@ -317,6 +335,8 @@ pub struct Cgroup {
     path: PathBuf,
     /// `cgroup.kill` was written.
     killed: AtomicBool,
+    /// An earlier command's.
+    spare: bool,
     owner: Arc<Cgroups>,
 }
 
@@ -495,7 +515,8 @@ mod tests {
 
     /// Linux 6.18 kills a child started in a cgroup that has been through `cgroup.kill` before
     /// it runs an instruction. The spawn sees that the child never ran and says so (the caller
-    /// then starts it without a cgroup), instead of passing off a dead child as started.
+    /// then starts it elsewhere, see `Cgroups::refused`), instead of passing off a dead child as
+    /// started.
     #[test]
     fn a_child_killed_at_birth_in_its_cgroup_is_a_refusal_not_a_start() {
         let Ok(cgroups) = Cgroups::detect().map(Arc::new) else {

@@ -489,6 +489,26 @@ async fn with_cgroups_a_spare_removed_meanwhile_is_skipped() {
     assert!(second.starts_with("guestd-") && cgroups.active(), "{second}");
 }
 
+/// A spare killed from outside (a `cgroup.kill` on it, or on `guestd-commands` above it) can start
+/// no child any more (Linux kills it at birth): the command starts in a new cgroup, and cgroups
+/// stay on.
+#[tokio::test]
+async fn with_cgroups_a_spare_killed_from_outside_is_replaced() {
+    let Some(cgroups) = cgroups("with_cgroups_a_spare_killed_from_outside_is_replaced") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let own_cgroup = || async {
+        let mut p = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+        let out = String::from_utf8(collect(&mut p.events).await.stdout).unwrap();
+        out.trim().rsplit('/').next().unwrap().to_owned()
+    };
+    let first = own_cgroup().await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // released as a spare
+    std::fs::write(cgroups.dir().join(&first).join("cgroup.kill"), "1").unwrap();
+    let second = own_cgroup().await;
+    assert!(second.starts_with("guestd-") && second != first && cgroups.active(), "{first} then {second}");
+    assert!(!cgroups.dir().join(&first).exists(), "the killed spare is removed");
+}
+
 /// A directory that is no cgroup: the kernel refuses to start the child there, the command
 /// starts anyway (in guestd's cgroup), and later commands do not try again.
 #[tokio::test]
