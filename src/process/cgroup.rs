@@ -12,8 +12,9 @@
 //! command's cgroup enables no controller of its own. Each child starts inside its cgroup
 //! (`clone3(CLONE_INTO_CGROUP)`, see `sys::spawn`). When its command is forgotten, an empty
 //! cgroup is kept for a later command (a few are) or removed; one still holding processes (a
-//! daemon the command left running) lingers and is removed by a later spawn once empty. Nothing
-//! is ever started in a cgroup that still holds another command's processes.
+//! daemon the command left running) lingers and is removed by a later spawn once empty, with the
+//! cgroups the command made below it. Nothing is ever started in a cgroup that still holds
+//! another command's processes, or below which that command made cgroups.
 //!
 //! `guestd-commands` gets limits that keep the machine usable for the agent whatever the commands
 //! do together (envd gives its `user` cgroup the same memory and CPU limits), set off the spawn
@@ -273,21 +274,21 @@ impl Cgroups {
         Refused::Retry(None)
     }
 
-    /// Keeps an ended command's cgroup for the next command if it is empty, was never killed
-    /// through `cgroup.kill` and spares are wanted; else removes it, or remembers it while
-    /// processes remain in it.
+    /// Keeps an ended command's cgroup for the next command if it is empty (with no cgroup below
+    /// it), was never killed through `cgroup.kill` and spares are wanted; else removes it, or
+    /// remembers it while processes remain in it.
     fn release(&self, path: PathBuf, killed: bool) {
         // Linux (6.18) kills every child later started in a cgroup that has been through
         // `cgroup.kill` (its kill count no longer matches the parent's): such a cgroup is
         // never reused.
-        if !killed && self.active() && fs::read(path.join("cgroup.procs")).is_ok_and(|members| members.is_empty()) {
+        if !killed && self.active() && vacant(&path) {
             let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
             if spare.len() < MAX_SPARE {
                 spare.push(path);
                 return;
             }
         }
-        match fs::remove_dir(&path) {
+        match remove(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
@@ -306,7 +307,7 @@ impl Cgroups {
         lingering.created += 1;
         if lingering.created >= lingering.dirs.len() && !lingering.dirs.is_empty() {
             lingering.created = 0;
-            lingering.dirs.retain(|dir| fs::remove_dir(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
+            lingering.dirs.retain(|dir| remove(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
         }
     }
 
@@ -317,7 +318,7 @@ impl Cgroups {
         }
         let mut lingering = self.lingering.lock().unwrap_or_else(PoisonError::into_inner);
         lingering.created = 0;
-        lingering.dirs.retain(|dir| fs::remove_dir(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
+        lingering.dirs.retain(|dir| remove(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
     }
 }
 
@@ -429,6 +430,29 @@ fn command_limits(mem_total: u64, threads_max: u64) -> [(&'static str, String); 
     ]
 }
 
+/// Whether a released cgroup can serve another command: no process in it, and no cgroup below
+/// it (where the command may have moved processes: a nested container runtime does).
+fn vacant(path: &Path) -> bool {
+    fs::read(path.join("cgroup.procs")).is_ok_and(|members| members.is_empty())
+        && fs::read_to_string(path.join("cgroup.stat")).is_ok_and(|stat| stat.lines().any(|l| l == "nr_descendants 0"))
+}
+
+/// Removes a command's cgroup, and the cgroups the command made below it; EBUSY while a process
+/// remains in any of them.
+fn remove(path: &Path) -> io::Result<()> {
+    match fs::remove_dir(path) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+            for entry in fs::read_dir(path)?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = remove(&entry.path());
+                }
+            }
+            fs::remove_dir(path)
+        }
+        result => result,
+    }
+}
+
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_DIRECTORY).open(path)?.into())
 }
@@ -441,7 +465,7 @@ fn remove_stale(dir: &Path) {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("guestd-")?.split_once("-cmd-")) else { continue };
         if pid.0 != std::process::id().to_string() && !Path::new("/proc").join(pid.0).exists() {
-            let _ = fs::remove_dir(entry.path());
+            let _ = remove(&entry.path());
         }
     }
 }

@@ -451,6 +451,42 @@ async fn with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn() {
     assert!(!path.exists(), "a later spawn removed {}", path.display());
 }
 
+/// Starts a command that moves a process into a cgroup below its own (as a nested container
+/// runtime does), then runs `rest`; returns it once it got so far, that process's pid and the
+/// name of the command's cgroup.
+async fn start_with_a_cgroup_below(pm: &ProcessManager, cgroups: &Cgroups, rest: &str) -> (Attached, u32, String) {
+    let script = format!(
+        "name=$(sed -n 's|^0::.*/||p' /proc/self/cgroup); mkdir {dir}/$name/below; \
+         sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > {dir}/$name/below/cgroup.procs; echo $! $name; {rest}",
+        dir = cgroups.dir().display()
+    );
+    let mut p = pm.start(StartSpec { stdin: true, ..sh(&script) }).await.unwrap();
+    let line = read_until(&mut p.events, "\n").await;
+    let (below, name) = line.lines().next().unwrap().split_once(' ').unwrap();
+    (p, below.parse().unwrap(), name.to_owned())
+}
+
+/// A process in a cgroup below the command's keeps the command's cgroup from being handed to a
+/// later command; once it has gone, a later spawn removes both cgroups.
+#[tokio::test]
+async fn with_cgroups_a_process_in_a_cgroup_below_keeps_it_in_use() {
+    let Some(cgroups) = cgroups("with_cgroups_a_process_in_a_cgroup_below_keeps_it_in_use") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let (mut p, below, name) = start_with_a_cgroup_below(&pm, &cgroups, "true").await;
+    collect(&mut p.events).await;
+    drop(p);
+    tokio::time::sleep(Duration::from_millis(100)).await; // released
+    let mut q = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+    let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(below as i32), nix::sys::signal::Signal::SIGKILL);
+    assert!(!other.trim().ends_with(&format!("/{name}")), "{name} still holds a process below: {other}");
+
+    assert!(wait_dead(below).await);
+    let mut r = pm.start(spec("true", &[])).await.unwrap();
+    collect(&mut r.events).await;
+    assert!(!cgroups.dir().join(&name).exists(), "a later spawn removed {name} and the cgroup below");
+}
+
 /// A killed command's cgroup is never handed to a later command (Linux would kill it at birth,
 /// see `sys::spawn`): commands after a kill run, in cgroups of their own.
 #[tokio::test]
