@@ -348,7 +348,8 @@ impl Cgroup {
 
     /// Sends `signal` to every process in the cgroup. SIGKILL goes through `cgroup.kill` (Linux
     /// 5.14), which also catches processes being forked meanwhile; other signals go to each
-    /// member, re-reading the members until a pass finds no new one.
+    /// member (also those in cgroups the command made below), re-reading the members until a
+    /// pass finds no new one.
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
         if signal == Signal::SIGKILL {
             self.killed.store(true, Ordering::Relaxed);
@@ -362,9 +363,9 @@ impl Cgroup {
         }
         let mut signalled = Vec::new();
         for _ in 0..SIGNAL_PASSES {
-            let members = fs::read_to_string(self.path.join("cgroup.procs"))?;
-            let fresh: Vec<i32> =
-                members.lines().filter_map(|l| l.parse().ok()).filter(|pid| !signalled.contains(pid)).collect();
+            let mut fresh = Vec::new();
+            members(&self.path, &mut fresh)?;
+            fresh.retain(|pid| !signalled.contains(pid));
             if fresh.is_empty() {
                 break;
             }
@@ -428,6 +429,18 @@ fn command_limits(mem_total: u64, threads_max: u64) -> [(&'static str, String); 
         ("cpu.weight", "50".to_owned()),
         ("pids.max", pids.to_string()),
     ]
+}
+
+/// Adds the processes in the cgroup at `path`, and in the cgroups below it, to `into`.
+fn members(path: &Path, into: &mut Vec<i32>) -> io::Result<()> {
+    let procs = fs::read_to_string(path.join("cgroup.procs"))?;
+    into.extend(procs.lines().filter_map(|line| line.parse::<i32>().ok()));
+    for entry in fs::read_dir(path)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = members(&entry.path(), into); // one removed meanwhile holds no process
+        }
+    }
+    Ok(())
 }
 
 /// Whether a released cgroup can serve another command: no process in it, and no cgroup below

@@ -487,6 +487,21 @@ async fn with_cgroups_a_process_in_a_cgroup_below_keeps_it_in_use() {
     assert!(!cgroups.dir().join(&name).exists(), "a later spawn removed {name} and the cgroup below");
 }
 
+/// SIGTERM reaches a process in a cgroup below the command's, as SIGKILL (`cgroup.kill`) does.
+#[tokio::test]
+async fn with_cgroups_sigterm_reaches_a_process_in_a_cgroup_below() {
+    let Some(cgroups) = cgroups("with_cgroups_sigterm_reaches_a_process_in_a_cgroup_below") else { return };
+    let pm = manager_with(Some(Arc::clone(&cgroups)));
+    let (mut p, below, _) = start_with_a_cgroup_below(&pm, &cgroups, "read -r _").await;
+    pm.signal(&Selector::Pid(p.pid), Signal::Term).unwrap();
+    collect(&mut p.events).await;
+    let reached = wait_dead(below).await;
+    if !reached {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(below as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(reached, "SIGTERM reached the process below");
+}
+
 /// A killed command's cgroup is never handed to a later command (Linux would kill it at birth,
 /// see `sys::spawn`): commands after a kill run, in cgroups of their own.
 #[tokio::test]
