@@ -150,17 +150,26 @@ impl Cgroups {
         let dir = cgroup2_dir(&mounts, own).ok_or_else(|| format!("no cgroup2 mount shows guestd's cgroup {own}"))?;
         nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK)
             .map_err(|e| format!("cannot create cgroups in {}: {e}", dir.display()))?;
+        let cgroups = Cgroups::for_guestd_in(dir, own == "/");
+        remove_stale(&cgroups.dir);
+        Ok(cgroups)
+    }
+
+    /// Commands' cgroups for a guestd in the cgroup `dir`: beside it, or, where `dir` is the
+    /// `root` cgroup, in `guestd-commands` below it (beside it if that cannot be made).
+    fn for_guestd_in(dir: PathBuf, root: bool) -> Cgroups {
+        if !root {
+            return Cgroups::at(dir);
+        }
         let commands = dir.join(COMMANDS);
-        let cgroups = match fs::create_dir(&commands) {
+        match fs::create_dir(&commands) {
             Ok(()) => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
             Err(error) => {
                 tracing::debug!(dir = %commands.display(), %error, "commands' cgroups go beside guestd instead");
                 Cgroups::at(dir)
             }
-        };
-        remove_stale(&cgroups.dir);
-        Ok(cgroups)
+        }
     }
 
     /// Commands' cgroups go into `dir` (which must be a cgroup v2 directory for spawns into them
@@ -634,6 +643,19 @@ mod tests {
         assert_eq!(big[0].1, ((16u64 << 30) - (128 << 20)).to_string(), "at most 128 MiB is kept back");
         assert_eq!(big[3].1, (100_000 - 6250).to_string());
         assert_eq!(command_limits(1 << 30, 100)[3].1, "50", "at most half the task slots are kept back");
+    }
+
+    /// Only guestd in the root cgroup (a VM) puts its commands in `guestd-commands`, with limits;
+    /// elsewhere (a systemd service) they go beside guestd, whose cgroup can take no limits for
+    /// them (a cgroup with processes enables no controller for its children).
+    #[test]
+    fn commands_go_into_guestd_commands_only_from_the_root_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = Cgroups::for_guestd_in(dir.path().to_owned(), false);
+        assert_eq!((service.dir(), service.root.as_deref()), (dir.path(), None));
+        assert!(!dir.path().join(COMMANDS).exists());
+        let root = Cgroups::for_guestd_in(dir.path().to_owned(), true);
+        assert_eq!((root.dir(), root.root.as_deref()), (dir.path().join(COMMANDS).as_path(), Some(dir.path())));
     }
 
     /// A mount of a subtree (a container's cgroup namespace seen from outside, a bind mount)
