@@ -37,13 +37,13 @@ pub fn child_nofile() -> Option<[u64; 2]> {
     CHILD_NOFILE.get().copied()
 }
 
-/// Gives the calling thread the lowest priority (nice 19), best effort: for work that should
-/// fill idle time rather than delay anything else.
-pub fn lowest_priority_for_this_thread() {
+/// Sets the calling thread's nice value (19: lowest, for work that should fill idle time; 0:
+/// normal), best effort (raising it back needs privileges guestd has as root).
+pub fn set_this_threads_nice(nice: i32) {
     // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who = 0 names the
     // calling thread (priorities are per thread), so no other thread of guestd is affected.
-    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, 19) };
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice) };
     if rc != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower this thread's priority");
+        tracing::debug!(nice, error = %io::Error::last_os_error(), "cannot change this thread's priority");
     }
 }
