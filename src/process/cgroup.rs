@@ -34,7 +34,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,7 +129,7 @@ pub struct Cgroups {
     /// reason other than a limit: see [`Cgroups::refused`]).
     enabled: AtomicBool,
     /// Empty cgroups of ended commands, ready for the next ones.
-    spare: Mutex<Vec<PathBuf>>,
+    spare: Mutex<Vec<Slot>>,
     lingering: Mutex<Lingering>,
 }
 
@@ -207,31 +207,30 @@ impl Cgroups {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// An empty cgroup for one command (a spare one, or a new one) and a descriptor of it to
-    /// spawn into; None once spawns into cgroups have failed (or when creating one fails: logged).
-    pub fn create(self: &Arc<Self>) -> Option<(Cgroup, OwnedFd)> {
+    /// An empty cgroup for one command (a spare one, or a new one); None once spawns into
+    /// cgroups have failed (or when creating one fails: logged).
+    pub fn create(self: &Arc<Self>) -> Option<Cgroup> {
         if !self.active() {
             return None;
         }
         self.sweep_if_due();
-        // A spare another guestd removed (see `remove_stale`) is skipped; so is a name in use
-        // (guestds in different PID namespaces sharing one cgroup may have the same pid).
         let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        if let Some(found) = spare.and_then(|path| Some((open_dir(&path).ok()?, path))) {
-            return Some(self.own(found, true));
+        match spare {
+            Some(slot) => Some(self.own(slot, true)),
+            None => self.create_new(),
         }
-        self.create_new()
     }
 
-    /// A new cgroup for one command, as [`Cgroups::create`], never a spare.
-    fn create_new(self: &Arc<Self>) -> Option<(Cgroup, OwnedFd)> {
+    /// A new cgroup for one command, as [`Cgroups::create`], never a spare. A name in use is
+    /// skipped (guestds in different PID namespaces sharing one cgroup may have the same pid).
+    fn create_new(self: &Arc<Self>) -> Option<Cgroup> {
         let mut error = None;
         for _ in 0..8 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let path = self.dir.join(format!("guestd-{}-cmd-{n}", std::process::id()));
             match fs::create_dir(&path) {
                 Ok(()) => match open_dir(&path) {
-                    Ok(dir) => return Some(self.own((dir, path), false)),
+                    Ok(dir) => return Some(self.own(Slot { path, dir }, false)),
                     Err(e) => {
                         let _ = fs::remove_dir(&path);
                         error = Some(e);
@@ -251,8 +250,8 @@ impl Cgroups {
         None
     }
 
-    fn own(self: &Arc<Self>, (dir, path): (OwnedFd, PathBuf), spare: bool) -> (Cgroup, OwnedFd) {
-        (Cgroup { path, killed: AtomicBool::new(false), spare, owner: Arc::clone(self) }, dir)
+    fn own(self: &Arc<Self>, slot: Slot, spare: bool) -> Cgroup {
+        Cgroup { slot: Some(slot), killed: AtomicBool::new(false), spare, owner: Arc::clone(self) }
     }
 
     /// The kernel would not start a child in `cgroup` (nothing was started): what the spawn does
@@ -268,11 +267,12 @@ impl Cgroups {
         if cgroup.spare {
             // Killed from outside since its command ended (a `cgroup.kill` on it or on the
             // directory above, which kills the other spares too: Linux kills every child later
-            // started there, see `sys::spawn`), or removed: none of the spares is used again.
+            // started there, see `sys::spawn`), or removed (another guestd's `remove_stale`):
+            // none of the spares is used again.
             cgroup.killed.store(true, Ordering::Relaxed);
             drop(cgroup);
-            for path in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
-                let _ = fs::remove_dir(path);
+            for slot in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+                let _ = fs::remove_dir(slot.path);
             }
             return Refused::Retry(self.create_new());
         }
@@ -287,20 +287,21 @@ impl Cgroups {
         Refused::Retry(None)
     }
 
-    /// Keeps an ended command's cgroup for the next command if it is empty (with no cgroup below
-    /// it), was never killed through `cgroup.kill` and spares are wanted; else removes it, or
-    /// remembers it while processes remain in it.
-    fn release(&self, path: PathBuf, killed: bool) {
+    /// Keeps an ended command's cgroup for the next command if no process is left in it or in
+    /// cgroups below it, it was never killed through `cgroup.kill` and spares are wanted; else
+    /// removes it, or remembers it while processes remain in it.
+    fn release(&self, slot: Slot, killed: bool) {
         // Linux (6.18) kills every child later started in a cgroup that has been through
         // `cgroup.kill` (its kill count no longer matches the parent's): such a cgroup is
         // never reused.
-        if !killed && self.active() && vacant(&path) {
+        if !killed && self.active() && unpopulated(&slot) {
             let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
             if spare.len() < MAX_SPARE {
-                spare.push(path);
+                spare.push(slot);
                 return;
             }
         }
+        let path = slot.path;
         match remove(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -326,8 +327,8 @@ impl Cgroups {
 
     /// Removes the spare cgroups and every lingering one that has emptied (at shutdown).
     pub fn sweep(&self) {
-        for path in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
-            let _ = fs::remove_dir(path);
+        for slot in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            let _ = remove(&slot.path);
         }
         let mut lingering = self.lingering.lock().unwrap_or_else(PoisonError::into_inner);
         lingering.created = 0;
@@ -340,13 +341,22 @@ pub enum Refused {
     /// Fail with that error.
     Fail,
     /// Start the command again, in this cgroup (None: in guestd's).
-    Retry(Option<(Cgroup, OwnedFd)>),
+    Retry(Option<Cgroup>),
+}
+
+/// A cgroup directory and a descriptor of it (what `clone3` takes), kept open from its creation
+/// to its removal: a spare is reused without opening it again.
+#[derive(Debug)]
+struct Slot {
+    path: PathBuf,
+    dir: OwnedFd,
 }
 
 /// One command's cgroup; kept as a spare, removed or left lingering on drop.
 #[derive(Debug)]
 pub struct Cgroup {
-    path: PathBuf,
+    /// Taken only by drop.
+    slot: Option<Slot>,
     /// `cgroup.kill` was written.
     killed: AtomicBool,
     /// An earlier command's.
@@ -355,8 +365,17 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    fn slot(&self) -> &Slot {
+        self.slot.as_ref().expect("a cgroup's slot is taken only when it drops")
+    }
+
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.slot().path
+    }
+
+    /// The descriptor to start the command in this cgroup with.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.slot().dir.as_fd()
     }
 
     /// Sends `signal` to every process in the cgroup. SIGKILL goes through `cgroup.kill` (Linux
@@ -364,20 +383,21 @@ impl Cgroup {
     /// member (also those in cgroups the command made below), re-reading the members until a
     /// pass finds no new one.
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
+        let path = self.path();
         if signal == Signal::SIGKILL {
             self.killed.store(true, Ordering::Relaxed);
             // Not `fs::write`: creating a missing file in cgroupfs fails with EACCES, which would
             // hide that the kernel has no `cgroup.kill`.
-            let kill = fs::OpenOptions::new().write(true).open(self.path.join("cgroup.kill"));
+            let kill = fs::OpenOptions::new().write(true).open(path.join("cgroup.kill"));
             match kill.and_then(|mut file| io::Write::write_all(&mut file, b"1")) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.path.exists() => {} // before 5.14
+                Err(e) if e.kind() == io::ErrorKind::NotFound && path.exists() => {} // before 5.14
                 result => return result,
             }
         }
         let mut signalled = Vec::new();
         for _ in 0..SIGNAL_PASSES {
             let mut fresh = Vec::new();
-            members(&self.path, &mut fresh)?;
+            members(path, &mut fresh)?;
             fresh.retain(|pid| !signalled.contains(pid));
             if fresh.is_empty() {
                 break;
@@ -396,7 +416,9 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        self.owner.release(std::mem::take(&mut self.path), *self.killed.get_mut());
+        if let Some(slot) = self.slot.take() {
+            self.owner.release(slot, *self.killed.get_mut());
+        }
     }
 }
 
@@ -456,11 +478,20 @@ fn members(path: &Path, into: &mut Vec<i32>) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether a released cgroup can serve another command: no process in it, and no cgroup below
-/// it (where the command may have moved processes: a nested container runtime does).
-fn vacant(path: &Path) -> bool {
-    fs::read(path.join("cgroup.procs")).is_ok_and(|members| members.is_empty())
-        && fs::read_to_string(path.join("cgroup.stat")).is_ok_and(|stat| stat.lines().any(|l| l == "nr_descendants 0"))
+/// Whether no process is left in the cgroup or in cgroups below it (where the command may have
+/// moved some: a nested container runtime does): `populated 0` in its `cgroup.events`.
+fn unpopulated(slot: &Slot) -> bool {
+    let events = nix::fcntl::openat(
+        &slot.dir,
+        "cgroup.events",
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    );
+    let mut text = [0u8; 128];
+    events
+        .ok()
+        .and_then(|fd| io::Read::read(&mut fs::File::from(fd), &mut text).ok())
+        .is_some_and(|n| text[..n].split(|&b| b == b'\n').any(|line| line == b"populated 0"))
 }
 
 /// Removes a command's cgroup, and the cgroups the command made below it; EBUSY while a process
@@ -573,20 +604,15 @@ mod tests {
             eprintln!("SKIPPED a_child_killed_at_birth_in_its_cgroup_is_a_refusal_not_a_start: no writable cgroup v2");
             return;
         };
-        let (cgroup, dir) = cgroups.create().unwrap();
+        let cgroup = cgroups.create().unwrap();
         cgroup.signal(Signal::SIGKILL).unwrap(); // empty: only the kernel's kill count changes
         let c = |s: &str| std::ffi::CString::new(s).unwrap();
         let exec = crate::sys::spawn::Exec { path: c("/bin/true"), argv: vec![c("true")], env: vec![] };
-        let setup = crate::sys::spawn::ChildSetup {
-            controlling_tty: false,
-            credentials: None,
-            cwd: c("/"),
-            nofile: None,
-            cgroup: Some(dir),
-        };
+        let setup =
+            crate::sys::spawn::ChildSetup { controlling_tty: false, credentials: None, cwd: c("/"), nofile: None };
         let null: OwnedFd = fs::File::open("/dev/null").unwrap().into();
         let stdio = [std::os::fd::AsFd::as_fd(&null); 3];
-        match crate::sys::spawn::spawn(&exec, stdio, &setup, &std::sync::atomic::AtomicI32::new(0)) {
+        match crate::sys::spawn::spawn(&exec, stdio, &setup, Some(cgroup.fd()), &std::sync::atomic::AtomicI32::new(0)) {
             Ok(pid) => {
                 // A kernel without that behaviour: the child must really have run.
                 let status = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None).unwrap();
@@ -604,7 +630,7 @@ mod tests {
     #[test]
     fn without_cgroup_kill_sigkill_goes_to_each_member() {
         let dir = tempfile::tempdir().unwrap();
-        let (cgroup, _dir) = Arc::new(Cgroups::at(dir.path().to_owned())).create().unwrap();
+        let cgroup = Arc::new(Cgroups::at(dir.path().to_owned())).create().unwrap();
         let mut sleep = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
         fs::write(cgroup.path().join("cgroup.procs"), format!("{}\n", sleep.id())).unwrap();
         let signalled = cgroup.signal(Signal::SIGKILL);
@@ -625,12 +651,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cgroups = Arc::new(Cgroups::at(dir.path().to_owned()));
         for errno in [nix::libc::EAGAIN, nix::libc::ENOMEM] {
-            let (cgroup, _dir) = cgroups.create().unwrap();
+            let cgroup = cgroups.create().unwrap();
             let error = IntoCgroupError { source: io::Error::from_raw_os_error(errno) };
             assert!(matches!(cgroups.refused(cgroup, &error), Refused::Fail), "{error}");
             assert!(cgroups.active(), "{error}");
         }
-        let (cgroup, _dir) = cgroups.create().unwrap();
+        let cgroup = cgroups.create().unwrap();
         let error = IntoCgroupError { source: io::Error::from_raw_os_error(nix::libc::ENOSYS) };
         assert!(matches!(cgroups.refused(cgroup, &error), Refused::Retry(None)));
         assert!(!cgroups.active());

@@ -89,24 +89,26 @@ pub(super) fn launch(
     let credentials =
         needs_switch(user).then(|| Credentials { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
     let cwd_c = CString::new(cwd.as_os_str().as_bytes()).map_err(|e| spawn_error(e.into()))?;
-    let (mut cgroup, cgroup_fd) = cgroups.and_then(|c| c.create()).unzip();
-    let mut setup = ChildSetup {
+    let setup = ChildSetup {
         controlling_tty: spec.pty.is_some(),
         credentials,
         cwd: cwd_c,
         nofile: crate::sys::limits::child_nofile(),
-        cgroup: cgroup_fd,
     };
     let stdio = [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()];
-    let mut spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
+    let start = |cgroup: Option<&Cgroup>| {
+        reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, cgroup.map(Cgroup::fd), child))
+    };
+    let mut cgroup = cgroups.and_then(|c| c.create());
+    let mut spawned = start(cgroup.as_ref());
     // Nothing was started: start it again elsewhere, or fail (see `Cgroups::refused`).
     while let (Err(error), Some(cgroups)) = (&spawned, cgroups)
         && let Some(refusal) = error.get_ref().and_then(|e| e.downcast_ref::<IntoCgroupError>())
         && let Some(refused) = cgroup.take()
         && let Refused::Retry(next) = cgroups.refused(refused, refusal)
     {
-        (cgroup, setup.cgroup) = next.unzip();
-        spawned = reaper::spawn(|child| sys_spawn::spawn(&exec, stdio, &setup, child));
+        cgroup = next;
+        spawned = start(cgroup.as_ref());
     }
     let (pid, exit) = spawned.map_err(spawn_error)?;
     Ok(Launched { pid, exit, io, cgroup })

@@ -28,7 +28,7 @@
 use std::ffi::{CString, c_int, c_void};
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::AtomicI32;
 use std::sync::{Mutex, PoisonError};
 
@@ -67,10 +67,6 @@ pub struct ChildSetup {
     pub cwd: CString,
     /// `RLIMIT_NOFILE` (soft, hard) to set in the child; None: inherit guestd's.
     pub nofile: Option<[u64; 2]>,
-    /// A cgroup v2 directory to start the child in (`clone3(CLONE_INTO_CGROUP)`); None: guestd's
-    /// own cgroup. If the kernel refuses, the spawn fails with an [`IntoCgroupError`] and nothing
-    /// was started.
-    pub cgroup: Option<OwnedFd>,
 }
 
 /// The program image: an absolute (or cwd-relative) path, argv (argv[0] included) and the
@@ -244,12 +240,22 @@ fn page_size() -> usize {
 
 /// Starts `exec` with `stdio` as its fds 0, 1, 2 after `setup`; returns the child's pid.
 ///
+/// With `cgroup` (a cgroup v2 directory) the child starts in that cgroup
+/// (`clone3(CLONE_INTO_CGROUP)`), else in guestd's. If the kernel refuses, the spawn fails with
+/// an [`IntoCgroupError`] and nothing was started.
+///
 /// The child's pid is stored in `child` by the kernel before the child runs (`CLONE_PARENT_SETTID`),
 /// so another thread can tell this spawn's child from any other while the spawn is in flight (an
 /// exec may take long). The caller must make sure nothing else reaps the child in the meantime
 /// (guestd's PID-1 reaper leaves the children of spawns in flight alone): when a step fails, the
 /// exited child is reaped here. Concurrent calls do not wait for each other.
-pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup, child: &AtomicI32) -> io::Result<u32> {
+pub fn spawn(
+    exec: &Exec,
+    stdio: [BorrowedFd<'_>; 3],
+    setup: &ChildSetup,
+    cgroup: Option<BorrowedFd<'_>>,
+    child: &AtomicI32,
+) -> io::Result<u32> {
     // Descriptors below 3 would be overwritten while installing the others: move them up
     // first (guestd normally has 0-2 open, so this only happens when it was started without).
     // (`try_clone_to_owned` is F_DUPFD_CLOEXEC from 3 up; the copies close when `moved` drops.)
@@ -288,7 +294,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup, child:
         let _blocked = BlockedSignals::new()?;
         let arg = (&args as *const ChildArgs).cast_mut().cast();
         let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID;
-        match &setup.cgroup {
+        match cgroup {
             // SAFETY: `child_main` only makes raw syscalls on `args`, which (with everything it
             // points to) lives in this frame until clone returns; CLONE_VFORK suspends this
             // thread until the child has exec'd or exited, so the child's use of this memory
@@ -345,7 +351,7 @@ pub fn spawn(exec: &Exec, stdio: [BorrowedFd<'_>; 3], setup: &ChildSetup, child:
         // `cgroup.kill` count differs from that of the parent's cgroup (`kill_seq`).
         Report::NotRun => {
             let source = io::Error::other("the child was killed before it ran");
-            match setup.cgroup {
+            match cgroup {
                 Some(_) => io::Error::other(IntoCgroupError { source }),
                 None => source,
             }
@@ -590,13 +596,7 @@ mod tests {
     }
 
     fn setup(cwd: &str) -> ChildSetup {
-        ChildSetup {
-            controlling_tty: false,
-            credentials: None,
-            cwd: CString::new(cwd).unwrap(),
-            nofile: None,
-            cgroup: None,
-        }
+        ChildSetup { controlling_tty: false, credentials: None, cwd: CString::new(cwd).unwrap(), nofile: None }
     }
 
     /// Spawns with stdout and stderr on one pipe; returns what the child wrote and its status.
@@ -605,7 +605,7 @@ mod tests {
         let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let (read, write) = crate::sys::fd::pipe().unwrap(); // close-on-exec: other tests spawn too
         let slot = AtomicI32::new(0);
-        let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup, &slot)?;
+        let pid = spawn(exec, [null.as_fd(), write.as_fd(), write.as_fd()], setup, None, &slot)?;
         assert_eq!(slot.load(std::sync::atomic::Ordering::SeqCst), pid as i32, "the pid is announced in the slot");
         drop(write);
         let mut out = String::new();
@@ -662,6 +662,7 @@ mod tests {
             &exec(&["/bin/sh", "-c", "echo moved"]),
             [null.as_fd(), write.as_fd(), low],
             &setup("/"),
+            None,
             &AtomicI32::new(0),
         )
         .unwrap();
