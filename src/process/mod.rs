@@ -598,7 +598,7 @@ impl ProcessManager {
     /// soon as the leader is reaped, even if a descendant that escaped still holds the pipes.
     pub fn signal(&self, sel: &Selector, sig: Signal) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
-        tracing::debug!(pid = proc.pid, ?sig, "signalling process group");
+        tracing::debug!(pid = proc.pid, ?sig, "signalling every process of the command");
         proc.kill(sig).map_err(|source| ProcessError::Signal { pid: proc.pid, source })
     }
 
