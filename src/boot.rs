@@ -46,6 +46,8 @@ pub struct StartConfig {
     pub cwd: Option<String>,
     pub user: Option<String>,
     pub ready_cmd: Option<String>,
+    /// Give up on the ready command after this long; None: [`READY_TIMEOUT`].
+    pub ready_timeout: Option<Duration>,
     /// Wait up to this long for the first `/init` before starting (`--start-after-init`).
     pub after_init: Option<Duration>,
     /// Where the once-per-boot marker lives (tests point it elsewhere).
@@ -348,7 +350,8 @@ impl Boot {
         let Some(ready_cmd) = &self.config.ready_cmd else {
             return self.set_phase(Phase::Ready { pid });
         };
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let limit = self.config.ready_timeout.unwrap_or(READY_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let spec = StartSpec {
                 command: shell_command(ready_cmd, self.config.cwd.clone()),
@@ -356,19 +359,33 @@ impl Boot {
                 replay: false,
                 ..start.clone()
             };
-            if let Ok(mut run) = processes.start(spec).await {
-                while let Some(event) = run.events.next().await {
-                    if let Ok(Event::End(status)) = event {
-                        if status.exited && status.exit_code == 0 {
-                            return self.set_phase(Phase::Ready { pid });
+            // How this attempt failed, for the error once the time is up.
+            let failure = match processes.start(spec).await {
+                Err(error) => crate::error_chain(&error),
+                Ok(mut run) => {
+                    let mut output = Vec::new();
+                    loop {
+                        match run.events.next().await {
+                            Some(Ok(Event::Stdout(b) | Event::Stderr(b) | Event::Pty(b))) => {
+                                output.extend_from_slice(&b);
+                                output.drain(..output.len().saturating_sub(READY_OUTPUT_KEPT));
+                            }
+                            Some(Ok(Event::End(status))) if status.exited && status.exit_code == 0 => {
+                                return self.set_phase(Phase::Ready { pid });
+                            }
+                            Some(Ok(Event::End(status))) => break attempt_failure(&status.status, &output),
+                            Some(Err(error)) => break error.to_string(),
+                            None => break "its output stream ended without an exit".to_owned(),
                         }
-                        break;
                     }
                 }
-            }
+            };
             if tokio::time::Instant::now() >= deadline {
                 self.set_phase(Phase::Failed {
-                    error: format!("ready command did not pass within {}s", READY_TIMEOUT.as_secs()),
+                    error: format!(
+                        "ready command did not pass within {}s; last attempt: {failure}",
+                        limit.as_secs_f64()
+                    ),
                 });
                 return std::future::pending().await;
             }
@@ -392,6 +409,18 @@ impl Readiness {
     fn with_status(mut self, status: String) -> Readiness {
         self.status = Some(status);
         self
+    }
+}
+
+/// The output of a ready-command attempt kept to explain its failure.
+const READY_OUTPUT_KEPT: usize = 1024;
+
+/// A failed ready-command attempt in one line: its status and the last line it printed.
+fn attempt_failure(status: &str, output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    match text.lines().map(str::trim).rfind(|line| !line.is_empty()) {
+        Some(line) => format!("{status}: {line}"),
+        None => status.to_owned(),
     }
 }
 
@@ -426,6 +455,16 @@ mod tests {
         assert_eq!(c.user.as_deref(), Some("user"));
         assert_eq!(c.ready_cmd.as_deref(), Some("curl -sf localhost:8000"));
         assert_eq!(c.cwd, None);
+    }
+
+    #[test]
+    fn a_failed_ready_attempt_is_its_status_and_last_line() {
+        assert_eq!(
+            attempt_failure("exit status 7", b"starting\ncurl: (7) refused\n\n"),
+            "exit status 7: curl: (7) refused"
+        );
+        assert_eq!(attempt_failure("signal: killed", b""), "signal: killed");
+        assert_eq!(attempt_failure("exit status 1", b"\xff\xfe bad\n"), "exit status 1: \u{fffd}\u{fffd} bad");
     }
 
     #[test]

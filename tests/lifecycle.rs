@@ -254,6 +254,26 @@ async fn ready_command_gates_ready_and_a_dead_start_command_is_reported() {
     server.stop().await;
 }
 
+/// A ready command that never passes fails readiness once its time is up, saying how its last
+/// attempt failed.
+#[tokio::test]
+async fn a_ready_command_that_never_passes_says_why() {
+    let mut config = Config::loopback("root");
+    config.start.cmd = Some("sleep 60".into());
+    config.start.ready_cmd = Some("echo checking >&2; echo 'port 8000: connection refused' >&2; exit 7".into());
+    config.start.ready_timeout = Some(Duration::from_millis(1500));
+    let server = TestServer::with_config(config).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async { ready_json(&server).await.1["state"] == "failed" }).await
+    );
+    let (status, ready) = ready_json(&server).await;
+    assert_eq!(status, 503);
+    let error = ready["error"].as_str().unwrap();
+    assert!(error.starts_with("ready command did not pass within 1.5s"), "{error}");
+    assert!(error.ends_with("last attempt: exit status 7: port 8000: connection refused"), "{error}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn start_after_init_lets_init_env_vars_and_start_cmd_reach_the_start_command() {
     let out_file = std::env::temp_dir().join(format!("guestd-after-init-{}", std::process::id()));
