@@ -13,8 +13,8 @@
 //! (`clone3(CLONE_INTO_CGROUP)`, see `sys::spawn`). When its command is forgotten, an empty
 //! cgroup is kept for a later command (a few are) or removed; one still holding processes (a
 //! daemon the command left running) lingers and is removed by a later spawn once empty, with the
-//! cgroups the command made below it. Nothing is ever started in a cgroup that still holds
-//! another command's processes, or below which that command made cgroups.
+//! cgroups the command made below it. Nothing is ever started in a cgroup where another
+//! command's processes remain, in it or in a cgroup below it.
 //!
 //! `guestd-commands` gets limits that keep the machine usable for the agent whatever the commands
 //! do together (envd gives its `user` cgroup the same memory and CPU limits), set off the spawn
