@@ -167,12 +167,11 @@ impl Cgroups {
         }
         let commands = dir.join(COMMANDS);
         match fs::create_dir(&commands) {
-            Ok(()) => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
-            Err(error) => {
+            Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
                 tracing::debug!(dir = %commands.display(), %error, "commands' cgroups go beside guestd instead");
                 Cgroups::at(dir)
             }
+            _ => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
         }
     }
 
@@ -271,9 +270,7 @@ impl Cgroups {
             // none of the spares is used again.
             cgroup.killed.store(true, Ordering::Relaxed);
             drop(cgroup);
-            for slot in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
-                let _ = fs::remove_dir(slot.path);
-            }
+            self.remove_spares();
             return Refused::Retry(self.create_new());
         }
         if self.enabled.swap(false, Ordering::Relaxed) {
@@ -320,19 +317,28 @@ impl Cgroups {
         let mut lingering = self.lingering.lock().unwrap_or_else(PoisonError::into_inner);
         lingering.created += 1;
         if lingering.created >= lingering.dirs.len() && !lingering.dirs.is_empty() {
-            lingering.created = 0;
-            lingering.dirs.retain(|dir| remove(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
+            lingering.sweep();
         }
     }
 
     /// Removes the spare cgroups and every lingering one that has emptied (at shutdown).
     pub fn sweep(&self) {
+        self.remove_spares();
+        self.lingering.lock().unwrap_or_else(PoisonError::into_inner).sweep();
+    }
+
+    fn remove_spares(&self) {
         for slot in self.spare.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
             let _ = remove(&slot.path);
         }
-        let mut lingering = self.lingering.lock().unwrap_or_else(PoisonError::into_inner);
-        lingering.created = 0;
-        lingering.dirs.retain(|dir| remove(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
+    }
+}
+
+impl Lingering {
+    /// Removes every lingering cgroup that has emptied; keeps those still in use.
+    fn sweep(&mut self) {
+        self.created = 0;
+        self.dirs.retain(|dir| remove(dir).is_err_and(|e| e.raw_os_error() == Some(nix::libc::EBUSY)));
     }
 }
 
