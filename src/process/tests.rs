@@ -136,6 +136,16 @@ fn dead(pid: u32) -> bool {
     }
 }
 
+/// The pid a command printed on its first line (`… & echo $!`).
+async fn read_pid(events: &mut Subscription) -> u32 {
+    read_until(events, "\n").await.trim().parse().expect("a pid on the first line")
+}
+
+/// SIGKILLs a process a test may have left behind (it may be gone already).
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+}
+
 async fn wait_dead(pid: u32) -> bool {
     for _ in 0..100 {
         if dead(pid) {
@@ -341,8 +351,7 @@ async fn pty_process_rejects_stdin_operations() {
 async fn signal_kills_the_whole_group() {
     for pm in [manager(), manager_without_cgroups()] {
         let mut p = pm.start(sh("sleep 1000 & echo $!; wait")).await.unwrap();
-        let line = read_until(&mut p.events, "\n").await;
-        let grandchild: u32 = line.trim().parse().unwrap();
+        let grandchild = read_pid(&mut p.events).await;
         assert!(!dead(grandchild));
         pm.signal(&Selector::Pid(p.pid), Signal::Kill).unwrap();
         let out = collect(&mut p.events).await;
@@ -359,14 +368,12 @@ async fn with_cgroups_a_signal_reaches_descendants_that_left_the_group() {
     let pm = manager_with(Some(cgroups));
     for signal in [Signal::Term, Signal::Kill] {
         let mut p = pm.start(sh("setsid sleep 1000 & echo $!; wait")).await.unwrap();
-        let line = read_until(&mut p.events, "\n").await;
-        let escaped: u32 = line.trim().parse().unwrap();
+        let escaped = read_pid(&mut p.events).await;
         pm.signal(&Selector::Pid(p.pid), signal).unwrap();
         let out = collect(&mut p.events).await;
         let killed = wait_dead(escaped).await;
         if !killed {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped as i32), nix::sys::signal::Signal::SIGKILL);
+            sigkill(escaped);
         }
         assert!(killed, "{signal:?} reached the sleep that called setsid");
         assert!(out.end.is_some());
@@ -380,7 +387,7 @@ async fn with_cgroups_the_timeout_reaches_descendants_that_left_the_group() {
     let mut s = sh("setsid sleep 1000 & echo $!; wait");
     s.timeout = Some(Duration::from_millis(300));
     let mut p = pm.start(s).await.unwrap();
-    let escaped: u32 = read_until(&mut p.events, "\n").await.trim().parse().unwrap();
+    let escaped = read_pid(&mut p.events).await;
     let out = collect(&mut p.events).await;
     assert_eq!(out.end().status, "signal: killed");
     assert!(wait_dead(escaped).await, "the timeout reached the sleep that called setsid");
@@ -434,7 +441,7 @@ async fn with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn() {
     let out = collect(&mut p.events).await;
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();
-    let daemon: i32 = lines.next().unwrap().parse().unwrap();
+    let daemon: u32 = lines.next().unwrap().parse().unwrap();
     let name = lines.next().unwrap().rsplit('/').next().unwrap().to_owned();
     drop(p);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -444,8 +451,8 @@ async fn with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn() {
     let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
     assert!(!other.trim().ends_with(&format!("/{name}")), "the daemon's cgroup is not reused: {other}");
 
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::Signal::SIGKILL);
-    assert!(wait_dead(daemon as u32).await);
+    sigkill(daemon);
+    assert!(wait_dead(daemon).await);
     let mut r = pm.start(spec("true", &[])).await.unwrap();
     collect(&mut r.events).await;
     assert!(!path.exists(), "a later spawn removed {}", path.display());
@@ -478,7 +485,7 @@ async fn with_cgroups_a_process_in_a_cgroup_below_keeps_it_in_use() {
     tokio::time::sleep(Duration::from_millis(100)).await; // released
     let mut q = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
     let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(below as i32), nix::sys::signal::Signal::SIGKILL);
+    sigkill(below);
     assert!(!other.trim().ends_with(&format!("/{name}")), "{name} still holds a process below: {other}");
 
     assert!(wait_dead(below).await);
@@ -497,7 +504,7 @@ async fn with_cgroups_sigterm_reaches_a_process_in_a_cgroup_below() {
     collect(&mut p.events).await;
     let reached = wait_dead(below).await;
     if !reached {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(below as i32), nix::sys::signal::Signal::SIGKILL);
+        sigkill(below);
     }
     assert!(reached, "SIGTERM reached the process below");
 }
@@ -598,7 +605,7 @@ async fn end_follows_the_signal_even_if_an_escaped_descendant_holds_the_pipe() {
     let out = collect(&mut p.events).await;
     assert_eq!(out.end().status, "signal: killed");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped as i32), nix::sys::signal::Signal::SIGKILL);
+    sigkill(escaped);
 }
 
 #[tokio::test]
@@ -607,8 +614,7 @@ async fn timeout_kills_the_group() {
     let mut s = sh("sleep 1000 & echo $!; wait");
     s.timeout = Some(Duration::from_millis(300));
     let mut p = pm.start(s).await.unwrap();
-    let line = read_until(&mut p.events, "\n").await;
-    let grandchild: u32 = line.trim().parse().unwrap();
+    let grandchild = read_pid(&mut p.events).await;
     let out = collect(&mut p.events).await;
     assert_eq!(out.end().status, "signal: killed");
     assert!(wait_dead(grandchild).await);
@@ -854,7 +860,7 @@ async fn a_start_racing_shutdown_leaves_nothing_running() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let alive: Vec<u32> = pids.iter().copied().filter(|&p| !dead(p)).collect();
     for &p in &alive {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
+        sigkill(p);
     }
     assert!(alive.is_empty(), "{} of {} still running after shutdown: {alive:?}", alive.len(), pids.len());
 }
@@ -866,14 +872,13 @@ async fn a_start_racing_shutdown_leaves_nothing_running() {
 async fn a_kill_after_the_leader_exited_succeeds_while_an_escaped_descendant_holds_the_output() {
     let pm = manager_without_cgroups();
     let mut p = pm.start(sh("setsid sleep 1000 & echo $!")).await.unwrap();
-    let text = read_until(&mut p.events, "\n").await;
-    let escaped: i32 = text.trim().parse().unwrap();
+    let escaped = read_pid(&mut p.events).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // sh has exited and been reaped
     assert!(dead(p.pid));
     assert_eq!(pm.list().len(), 1, "still live: the pipe is held");
     let result = pm.signal(&Selector::Pid(p.pid), Signal::Kill);
     let end = collect(&mut p.events).await;
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped), nix::sys::signal::Signal::SIGKILL);
+    sigkill(escaped);
     assert!(end.end.is_some());
     result.expect("SendSignal on a live process");
 }
