@@ -287,9 +287,11 @@ impl Accept for Tcp {
 }
 
 impl Accept for Vsock {
-    type Io = tokio_vsock::VsockStream;
+    /// Not `tokio_vsock::VsockStream`: it cannot write vectored (`sys::stream` says what that costs).
+    type Io = crate::sys::stream::SocketStream;
     async fn accept(&self) -> io::Result<Self::Io> {
-        self.0.accept().await.map(|(stream, _)| stream)
+        let (stream, _) = self.0.accept().await?;
+        crate::sys::stream::SocketStream::new(stream.into())
     }
 }
 

@@ -34,6 +34,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
 use super::addr::GuestAddr;
+use crate::sys::stream::SocketStream;
 
 /// Longest handshake reply accepted (`OK 4294967295\n` is 14 bytes; anything much longer is not
 /// a vsock muxer talking).
@@ -122,7 +123,8 @@ pub enum GuestStream {
     Tcp(TcpStream),
     /// A hybrid-vsock Unix socket after its `OK` line.
     Unix(UnixStream),
-    Vsock(tokio_vsock::VsockStream),
+    /// Not `tokio_vsock::VsockStream`, which cannot write vectored (see `sys::stream`).
+    Vsock(SocketStream),
 }
 
 impl GuestStream {
@@ -151,6 +153,28 @@ impl AsyncWrite for GuestStream {
             GuestStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             GuestStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             GuestStream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    /// Forwarded so hyper and h2 write a message's header and payload in one `writev` instead
+    /// of copying the payload into their own buffer first (uploads are the big case).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GuestStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            GuestStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            GuestStream::Vsock(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            GuestStream::Tcp(s) => s.is_write_vectored(),
+            GuestStream::Unix(s) => s.is_write_vectored(),
+            GuestStream::Vsock(s) => s.is_write_vectored(),
         }
     }
 
@@ -290,7 +314,8 @@ async fn attempt(addr: &GuestAddr) -> Result<GuestStream, Failure> {
         }
         GuestAddr::Vsock { cid, port } => {
             let target = tokio_vsock::VsockAddr::new(*cid, *port);
-            tokio_vsock::VsockStream::connect(target).await.map(GuestStream::Vsock).map_err(|e| classify(addr, e))
+            let stream = tokio_vsock::VsockStream::connect(target).await.map_err(|e| classify(addr, e))?;
+            SocketStream::new(stream.into()).map(GuestStream::Vsock).map_err(fatal)
         }
         GuestAddr::HybridVsock { path, port } => {
             let stream = UnixStream::connect(path).await.map_err(|e| classify(addr, e))?;

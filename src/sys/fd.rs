@@ -25,12 +25,7 @@ impl AsyncRawFd {
     ///
     /// Must be called from within a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        set_nonblocking(fd.as_fd())?;
-        // SAFETY: `fd` is moved into the AsyncFd, so it stays open and refers to the same open
-        // file description until the AsyncFd is dropped; `OwnedFd::as_raw_fd` always returns
-        // the same number.
-        let inner = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { inner })
+        Ok(Self { inner: register(fd)? })
     }
 
     /// Waits until the descriptor is readable, then reads at most `max` bytes into the spare
@@ -71,6 +66,15 @@ impl AsFd for AsyncRawFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.inner.get_ref().as_fd()
     }
+}
+
+/// Puts `fd` in non-blocking mode and registers it with the reactor of the current runtime.
+pub(super) fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    set_nonblocking(fd.as_fd())?;
+    // SAFETY: `fd` is moved into the AsyncFd, so it stays open and refers to the same open file
+    // description until the AsyncFd is dropped; `OwnedFd::as_raw_fd` always returns the same
+    // number.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 /// One `read(2)` of at most `max` bytes into the spare capacity of `buf`.

@@ -20,4 +20,5 @@ pub mod kmod;
 pub mod limits;
 pub mod pty;
 pub mod spawn;
+pub mod stream;
 pub mod wait;
