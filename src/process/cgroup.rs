@@ -85,18 +85,16 @@ impl CgroupSource {
         CgroupSource::new(move || cgroups)
     }
 
-    /// Runs the search now, on a thread of its own at the lowest priority (it fills the time
-    /// guestd waits for its first client; a `get` meanwhile waits for it), then sets the
-    /// commands' shared limits ([`Cgroups::limit`]), which no spawn waits for. That runs at the
-    /// normal priority: enabling controllers holds a kernel lock every fork takes, which must
-    /// not wait behind busier threads.
+    /// Runs the search now, on a thread of its own (it fills the time guestd waits for its first
+    /// client; a `get` meanwhile waits for it), then sets the commands' shared limits
+    /// ([`Cgroups::limit`]), which no spawn waits for. Both run at the normal priority: every
+    /// spawn waits for the search, so a lower one would let a busy boot (an init starting its
+    /// services) starve the first command through it; and enabling controllers holds a kernel
+    /// lock every fork takes.
     pub fn prepare(self: &Arc<Self>) {
         let this = Arc::clone(self);
         let started = std::thread::Builder::new().name("cgroups".into()).spawn(move || {
-            crate::sys::limits::set_this_threads_nice(19);
-            let found = LazyLock::force(&this.0);
-            crate::sys::limits::set_this_threads_nice(0);
-            if let Some(cgroups) = found {
+            if let Some(cgroups) = LazyLock::force(&this.0) {
                 match cgroups.limit() {
                     Ok(limits) => tracing::info!(dir = %cgroups.dir.display(), %limits, "limits the commands share"),
                     Err(reason) => tracing::info!(%reason, "no limits the commands share"),

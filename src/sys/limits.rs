@@ -36,14 +36,3 @@ pub fn raise_nofile() -> io::Result<Option<(u64, u64)>> {
 pub fn child_nofile() -> Option<[u64; 2]> {
     CHILD_NOFILE.get().copied()
 }
-
-/// Sets the calling thread's nice value (19: lowest, for work that should fill idle time; 0:
-/// normal), best effort (raising it back needs privileges guestd has as root).
-pub fn set_this_threads_nice(nice: i32) {
-    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who = 0 names the
-    // calling thread (priorities are per thread), so no other thread of guestd is affected.
-    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice) };
-    if rc != 0 {
-        tracing::debug!(nice, error = %io::Error::last_os_error(), "cannot change this thread's priority");
-    }
-}
