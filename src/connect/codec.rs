@@ -335,10 +335,9 @@ impl FastNode {
             out.put_u8(b':');
         }
         out.put_u8(b'"');
-        let start = out.len();
-        out.resize(start + b64_len, 0);
-        // Writes exactly `b64_len` bytes into the slice (the returned view of it is not needed).
-        let _ = base64_simd::STANDARD.encode(data, base64_simd::Out::from_slice(&mut out[start..]));
+        crate::sys::fd::append_with(out, b64_len, |spare| {
+            base64_simd::STANDARD.encode(data, base64_simd::Out::from_uninit_slice(spare))
+        });
         out.put_u8(b'"');
         for _ in keys {
             out.put_u8(b'}');
