@@ -6,10 +6,10 @@
 //! kill through it (`cgroup.kill`) reaches exactly those processes, race-free, however they
 //! regrouped.
 //!
-//! guestd uses the cgroup v2 hierarchy it runs in: it creates `guestd-<pid>-cmd-<n>` in its own
-//! cgroup (the service's cgroup under systemd, with `Delegate=yes`), or, where that is the root
-//! (a micro-VM where guestd is PID 1 and mounts cgroup2), in `guestd-commands` below it. A
-//! command's cgroup enables no controller of its own. Each child starts inside its cgroup
+//! guestd uses the cgroup v2 hierarchy it runs in: it creates `guestd-<pid>-cmd-<n>` in
+//! `guestd-commands` below its own cgroup (the root in a micro-VM where guestd is PID 1 and mounts
+//! cgroup2; the service's cgroup under systemd, with `Delegate=yes`; a container's). A command's
+//! cgroup enables no controller of its own. Each child starts inside its cgroup
 //! (`clone3(CLONE_INTO_CGROUP)`, see `sys::spawn`). When its command is forgotten, an empty
 //! cgroup is kept for a later command (a few are) or removed; one still holding processes (a
 //! daemon the command left running) lingers and is removed by a later spawn once empty, with the
@@ -18,7 +18,8 @@
 //!
 //! `guestd-commands` gets limits that keep the machine usable for the agent whatever the commands
 //! do together (envd gives its `user` cgroup the same memory and CPU limits), set off the spawn
-//! path once guestd serves ([`CgroupSource::prepare`]):
+//! path once guestd serves ([`CgroupSource::prepare`]) where guestd may enable controllers in its
+//! cgroup ([`Home`] says where that is):
 //! - `memory.high` = `memory.max` = the machine's memory less 1/8 of it (at most 128 MiB): a
 //!   command that allocates without bound is reclaimed, then OOM-killed inside that cgroup,
 //!   before guestd's own pages are touched;
@@ -37,7 +38,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use nix::sys::signal::{Signal, kill};
@@ -53,8 +54,12 @@ const MAX_LINGERING: usize = 1024;
 /// Interface files and the values written to them.
 type Limits = Vec<(&'static str, String)>;
 
-/// The cgroup holding every command's cgroup where guestd runs in the root cgroup.
+/// The cgroup holding every command's cgroup, below guestd's own.
 pub const COMMANDS: &str = "guestd-commands";
+
+/// Where a delegated guestd moves itself so that controllers can be enabled for `guestd-commands`
+/// ([`move_into_leaf`]); systemd's `DelegateSubgroup=guestd-agent` starts it there.
+pub const AGENT: &str = "guestd-agent";
 
 /// Emptied cgroups kept for the next commands: reusing one saves a `mkdir` and an `rmdir` per
 /// command (together about a tenth of a `true` round trip).
@@ -70,14 +75,18 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 /// How a manager finds its [`Cgroups`]: on first use, or ahead of it on a thread of its own.
 /// At boot in a VM, finding the hierarchy and setting up `guestd-commands` takes tens of
 /// milliseconds, better spent while the host is still connecting than before guestd listens.
-pub struct CgroupSource(LazyLock<Option<Arc<Cgroups>>, Find>);
+pub struct CgroupSource {
+    found: LazyLock<Option<Arc<Cgroups>>, Find>,
+    /// The thread searching ahead, while it searches at the lowest priority ([`CgroupSource::prepare`]).
+    searcher: AtomicI32,
+}
 
 type Find = Box<dyn FnOnce() -> Option<Arc<Cgroups>> + Send>;
 
 impl CgroupSource {
     /// `find` runs once, on the first [`CgroupSource::get`] or [`CgroupSource::prepare`].
     pub fn new(find: impl FnOnce() -> Option<Arc<Cgroups>> + Send + 'static) -> Arc<CgroupSource> {
-        Arc::new(CgroupSource(LazyLock::new(Box::new(find))))
+        Arc::new(CgroupSource { found: LazyLock::new(Box::new(find)), searcher: AtomicI32::new(0) })
     }
 
     /// Already known (tests, embedders).
@@ -85,16 +94,22 @@ impl CgroupSource {
         CgroupSource::new(move || cgroups)
     }
 
-    /// Runs the search now, on a thread of its own (it fills the time guestd waits for its first
-    /// client; a `get` meanwhile waits for it), then sets the commands' shared limits
-    /// ([`Cgroups::limit`]), which no spawn waits for. Both run at the normal priority: every
-    /// spawn waits for the search, so a lower one would let a busy boot (an init starting its
-    /// services) starve the first command through it; and enabling controllers holds a kernel
-    /// lock every fork takes.
+    /// Runs the search now, on a thread of its own at the lowest priority (it fills the time
+    /// guestd waits for its first client, without delaying guestd's own start on a one-CPU VM),
+    /// then sets the commands' shared limits ([`Cgroups::limit`]), which no spawn waits for.
+    /// A `get` meanwhile waits for the search, and raises it to the normal priority first: a
+    /// busy boot (an init starting its services) must not starve the first command through it.
+    /// The limits are set at the normal priority: enabling controllers holds a kernel lock every
+    /// fork takes.
     pub fn prepare(self: &Arc<Self>) {
         let this = Arc::clone(self);
         let started = std::thread::Builder::new().name("cgroups".into()).spawn(move || {
-            if let Some(cgroups) = LazyLock::force(&this.0) {
+            this.searcher.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+            crate::sys::limits::set_thread_nice(None, 19);
+            let found = LazyLock::force(&this.found);
+            this.searcher.store(0, Ordering::SeqCst);
+            crate::sys::limits::set_thread_nice(None, 0);
+            if let Some(cgroups) = found {
                 match cgroups.limit() {
                     Ok(limits) => tracing::info!(dir = %cgroups.dir.display(), %limits, "limits the commands share"),
                     Err(reason) => tracing::info!(%reason, "no limits the commands share"),
@@ -107,7 +122,12 @@ impl CgroupSource {
     }
 
     pub fn get(&self) -> Option<&Arc<Cgroups>> {
-        self.0.as_ref()
+        let searcher = self.searcher.load(Ordering::SeqCst);
+        if searcher != 0 {
+            // Best effort: raising a priority needs CAP_SYS_NICE, which guestd has as root.
+            crate::sys::limits::set_thread_nice(Some(searcher), 0);
+        }
+        self.found.as_ref()
     }
 }
 
@@ -121,14 +141,55 @@ impl fmt::Debug for CgroupSource {
 #[derive(Debug)]
 pub struct Cgroups {
     dir: PathBuf,
-    /// The root cgroup, where guestd runs in it (`dir` is then `guestd-commands`).
-    root: Option<PathBuf>,
+    /// The cgroup `dir` (`guestd-commands`) was made in; None when the commands' cgroups go
+    /// beside guestd's (`guestd-commands` could not be made), which leaves them without limits.
+    home: Option<Home>,
     /// Cleared for good by the first spawn the kernel refuses to start in a new cgroup (for a
     /// reason other than a limit: see [`Cgroups::refused`]).
     enabled: AtomicBool,
     /// Empty cgroups of ended commands, ready for the next ones.
     spare: Mutex<Vec<Slot>>,
     lingering: Mutex<Lingering>,
+}
+
+/// The cgroup guestd runs in, as far as giving its commands limits goes.
+#[derive(Debug)]
+struct Home {
+    dir: PathBuf,
+    kind: HomeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HomeKind {
+    /// The root cgroup (a VM where guestd is PID 1): the only one that may hold processes and
+    /// enable controllers for its children.
+    Root,
+    /// Another cgroup, given to guestd (a service with `Delegate=yes`): guestd leaves it for
+    /// `guestd-agent` below it before enabling controllers there ("no internal processes").
+    Delegated,
+    /// A container's cgroup, guestd being its PID 1: `docker exec` and the like put processes
+    /// straight into it, which the kernel refuses once it enables controllers: it gets none.
+    Container,
+}
+
+impl Home {
+    /// guestd runs in the cgroup `dir` (as PID 1 or not): where its commands' cgroups go, and
+    /// whether they can have limits. A guestd that its service manager started in `guestd-agent`
+    /// (systemd's `DelegateSubgroup=`) is at home in the cgroup above.
+    fn of(dir: PathBuf, pid1: bool) -> Home {
+        // Every cgroup but the root has a `cgroup.type`, also the root of a cgroup namespace.
+        let kind = match (dir.join("cgroup.type").exists(), pid1) {
+            (false, _) => HomeKind::Root,
+            (true, true) => HomeKind::Container,
+            (true, false) => HomeKind::Delegated,
+        };
+        match dir.parent() {
+            Some(parent) if kind == HomeKind::Delegated && dir.file_name() == Some(AGENT.as_ref()) => {
+                Home { dir: parent.to_owned(), kind }
+            }
+            _ => Home { dir, kind },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -141,35 +202,32 @@ struct Lingering {
 
 impl Cgroups {
     /// The cgroup v2 directory guestd runs in, if it may create cgroups there; otherwise why not.
-    /// Where guestd runs in the root cgroup, commands go into `guestd-commands` below it (its
-    /// limits are set by [`Cgroups::limit`]). Removes the empty cgroups an earlier guestd left
-    /// (it ended without its shutdown).
+    /// Commands go into `guestd-commands` below it (its limits are set by [`Cgroups::limit`]).
+    /// Removes the empty cgroups an earlier guestd left (it ended without its shutdown).
     pub fn detect() -> Result<Cgroups, String> {
         let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
         let own = unified_path(&own).ok_or("guestd is in no cgroup v2 hierarchy (no 0:: line in /proc/self/cgroup)")?;
         let mounts =
             fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
         let dir = cgroup2_dir(&mounts, own).ok_or_else(|| format!("no cgroup2 mount shows guestd's cgroup {own}"))?;
-        nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK)
-            .map_err(|e| format!("cannot create cgroups in {}: {e}", dir.display()))?;
-        let cgroups = Cgroups::for_guestd_in(dir, own == "/");
+        let home = Home::of(dir, crate::pid1::is_pid1());
+        nix::unistd::access(&home.dir, nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| format!("cannot create cgroups in {}: {e}", home.dir.display()))?;
+        let cgroups = Cgroups::for_guestd_in(home);
         remove_stale(&cgroups.dir);
         Ok(cgroups)
     }
 
-    /// Commands' cgroups for a guestd in the cgroup `dir`: beside it, or, where `dir` is the
-    /// `root` cgroup, in `guestd-commands` below it (beside it if that cannot be made).
-    fn for_guestd_in(dir: PathBuf, root: bool) -> Cgroups {
-        if !root {
-            return Cgroups::at(dir);
-        }
-        let commands = dir.join(COMMANDS);
+    /// Commands' cgroups for a guestd at `home`: in `guestd-commands` below it, or beside guestd
+    /// if that cannot be made.
+    fn for_guestd_in(home: Home) -> Cgroups {
+        let commands = home.dir.join(COMMANDS);
         match fs::create_dir(&commands) {
             Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
                 tracing::debug!(dir = %commands.display(), %error, "commands' cgroups go beside guestd instead");
-                Cgroups::at(dir)
+                Cgroups::at(home.dir)
             }
-            _ => Cgroups { root: Some(dir), ..Cgroups::at(commands) },
+            _ => Cgroups { home: Some(home), ..Cgroups::at(commands) },
         }
     }
 
@@ -178,7 +236,7 @@ impl Cgroups {
     pub fn at(dir: PathBuf) -> Cgroups {
         Cgroups {
             dir,
-            root: None,
+            home: None,
             enabled: AtomicBool::new(true),
             spare: Mutex::default(),
             lingering: Mutex::default(),
@@ -186,12 +244,24 @@ impl Cgroups {
     }
 
     /// Sets the limits all commands share (see the module docs); returns them as `file=value`
-    /// pairs, or why there are none. A limit the kernel does not offer is left out. (Enabling a
-    /// controller while commands run moves them, which takes a lock whose first use can wait
-    /// for an RCU grace period: this runs off the spawn path.)
+    /// pairs, or why there are none. A limit the kernel does not offer is left out. A delegated
+    /// guestd first moves itself into `guestd-agent`. (Moving a process, and enabling a
+    /// controller while commands run, take a lock whose first use can wait for an RCU grace
+    /// period: this runs off the spawn path.)
     pub fn limit(&self) -> Result<String, String> {
-        let root = self.root.as_deref().ok_or("guestd does not run in the root cgroup")?;
-        let limits = limit_commands(root, &self.dir)?;
+        let home = self.home.as_ref().ok_or("the commands' cgroups are beside guestd's")?;
+        match home.kind {
+            HomeKind::Root => {}
+            HomeKind::Delegated => move_into_leaf(&home.dir)?,
+            HomeKind::Container => {
+                return Err(format!(
+                    "guestd is the init of a container ({}): enabling controllers there would keep \
+                     `docker exec` and the like out of it",
+                    home.dir.display()
+                ));
+            }
+        }
+        let limits = limit_commands(&home.dir, &self.dir)?;
         Ok(limits.iter().map(|(file, value)| format!("{file}={value}")).collect::<Vec<_>>().join(" "))
     }
 
@@ -426,26 +496,58 @@ impl Drop for Cgroup {
     }
 }
 
-/// Enables the cpu, memory and pids controllers for the root's children and sets `commands`'
+/// Moves guestd from its cgroup `home` into `home/guestd-agent`, so that `home` can enable
+/// controllers for `guestd-commands`: cgroup v2 lets only a cgroup without processes of its own
+/// do that (but the root). Nothing to move when guestd is below already. Refused when another
+/// process is in `home`: it would keep the controllers off all the same, and it is not guestd's
+/// to move.
+fn move_into_leaf(home: &Path) -> Result<(), String> {
+    let me = std::process::id().to_string();
+    let procs = home.join("cgroup.procs");
+    let members = fs::read_to_string(&procs).map_err(|e| format!("reading {}: {e}", procs.display()))?;
+    if let Some(other) = members.lines().find(|pid| *pid != me) {
+        return Err(format!(
+            "process {other} shares guestd's cgroup {}: no controllers can be enabled there for the commands",
+            home.display()
+        ));
+    }
+    if members.trim().is_empty() {
+        return Ok(());
+    }
+    let leaf = home.join(AGENT);
+    match fs::create_dir(&leaf) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(format!("creating {}: {e}", leaf.display()));
+        }
+        _ => {}
+    }
+    fs::write(leaf.join("cgroup.procs"), &me).map_err(|e| format!("moving guestd into {}: {e}", leaf.display()))
+}
+
+/// Enables the cpu, memory and pids controllers for the children of guestd's home and sets `commands`'
 /// limits (see the module docs): the limits set, or why there are none.
-fn limit_commands(root: &Path, commands: &Path) -> Result<Limits, String> {
+fn limit_commands(home: &Path, commands: &Path) -> Result<Limits, String> {
     let available =
-        fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| format!("cgroup.controllers: {e}"))?;
+        fs::read_to_string(home.join("cgroup.controllers")).map_err(|e| format!("cgroup.controllers: {e}"))?;
     let wanted: Vec<&str> =
         ["cpu", "memory", "pids"].into_iter().filter(|c| available.split_whitespace().any(|a| a == *c)).collect();
     if wanted.is_empty() {
-        return Err(format!("none of the cpu, memory, pids controllers is available in {}", root.display()));
+        return Err(format!("none of the cpu, memory, pids controllers is available in {}", home.display()));
     }
     let enable: Vec<String> = wanted.iter().map(|c| format!("+{c}")).collect();
-    fs::write(root.join("cgroup.subtree_control"), enable.join(" "))
-        .map_err(|e| format!("enabling {} in {}: {e}", enable.join(" "), root.display()))?;
+    fs::write(home.join("cgroup.subtree_control"), enable.join(" "))
+        .map_err(|e| format!("enabling {} in {}: {e}", enable.join(" "), home.display()))?;
     let mem_total = crate::host::mem_total().ok_or("no MemTotal in /proc/meminfo")?;
-    let threads_max = fs::read_to_string("/proc/sys/kernel/threads-max")
+    let threads_max: u64 = fs::read_to_string("/proc/sys/kernel/threads-max")
         .ok()
         .and_then(|t| t.trim().parse().ok())
         .ok_or("no /proc/sys/kernel/threads-max")?;
+    // A service's own limits (systemd's TasksMax, MemoryMax) bound guestd and its commands
+    // together: the commands' share is taken from those where they are lower.
+    let memory = mem_total.min(limit_of(home, "memory.max"));
+    let tasks = threads_max.min(limit_of(home, "pids.max"));
     let mut set = Vec::new();
-    for (file, value) in command_limits(mem_total, threads_max) {
+    for (file, value) in command_limits(memory, tasks) {
         let controller = file.split('.').next().unwrap_or_default();
         if !wanted.contains(&controller) {
             continue;
@@ -458,7 +560,14 @@ fn limit_commands(root: &Path, commands: &Path) -> Result<Limits, String> {
     Ok(set)
 }
 
-/// The limits all commands share on a machine with `mem_total` bytes and `threads_max` tasks.
+/// The number in the interface file `file` of the cgroup `dir`; `u64::MAX` for `max`, or when it
+/// has none (the root cgroup has no limits).
+fn limit_of(dir: &Path, file: &str) -> u64 {
+    fs::read_to_string(dir.join(file)).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(u64::MAX)
+}
+
+/// The limits all commands share, out of `mem_total` bytes and `threads_max` tasks (the
+/// machine's, or those of guestd's cgroup where lower).
 fn command_limits(mem_total: u64, threads_max: u64) -> [(&'static str, String); 4] {
     let memory = mem_total - (mem_total / 8).min(128 << 20);
     let pids = threads_max - (threads_max / 16).max(64).min(threads_max / 2);
@@ -679,17 +788,111 @@ mod tests {
         assert_eq!(command_limits(1 << 30, 100)[3].1, "50", "at most half the task slots are kept back");
     }
 
-    /// Only guestd in the root cgroup (a VM) puts its commands in `guestd-commands`, with limits;
-    /// elsewhere (a systemd service) they go beside guestd, whose cgroup can take no limits for
-    /// them (a cgroup with processes enables no controller for its children).
+    /// The search ahead runs at the lowest priority until a spawn needs its answer: the spawn
+    /// raises it before waiting, so a busy machine cannot starve the first command through it.
     #[test]
-    fn commands_go_into_guestd_commands_only_from_the_root_cgroup() {
+    fn a_spawn_waiting_for_the_search_raises_its_priority() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED a_spawn_waiting_for_the_search_raises_its_priority: raising a priority needs root");
+            return;
+        }
+        let nice_of = |tid: i32| -> i64 {
+            let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            // The fields after the command name (in parentheses); nice is the 19th field in all.
+            stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap()
+        };
+        let (searching, searcher) = std::sync::mpsc::channel();
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let source = CgroupSource::new(move || {
+            searching.send(nix::unistd::gettid().as_raw()).unwrap();
+            finished.recv().unwrap();
+            None
+        });
+        source.prepare();
+        let tid = searcher.recv().unwrap();
+        assert_eq!(nice_of(tid), 19, "searching ahead at the lowest priority");
+        let spawn = std::thread::spawn({
+            let source = Arc::clone(&source);
+            move || source.get().is_none()
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nice_of(tid) != 0 {
+            assert!(std::time::Instant::now() < deadline, "the waiting spawn never raised the search");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        finish.send(()).unwrap();
+        assert!(spawn.join().unwrap(), "the spawn got the search's answer");
+    }
+
+    /// Commands go into `guestd-commands` wherever guestd runs; whether they get limits depends
+    /// on where that is.
+    #[test]
+    fn commands_go_into_guestd_commands_below_guestds_home() {
         let dir = tempfile::tempdir().unwrap();
-        let service = Cgroups::for_guestd_in(dir.path().to_owned(), false);
-        assert_eq!((service.dir(), service.root.as_deref()), (dir.path(), None));
-        assert!(!dir.path().join(COMMANDS).exists());
-        let root = Cgroups::for_guestd_in(dir.path().to_owned(), true);
-        assert_eq!((root.dir(), root.root.as_deref()), (dir.path().join(COMMANDS).as_path(), Some(dir.path())));
+        let cgroups = Cgroups::for_guestd_in(Home::of(dir.path().to_owned(), false));
+        assert_eq!(cgroups.dir(), dir.path().join(COMMANDS));
+        assert_eq!(cgroups.home.as_ref().map(|h| (h.dir.as_path(), h.kind)), Some((dir.path(), HomeKind::Root)));
+        // Where it cannot be made, beside guestd, and without limits.
+        let file = dir.path().join("not-a-directory");
+        fs::write(&file, "").unwrap();
+        let beside = Cgroups::for_guestd_in(Home::of(file.clone(), false));
+        assert_eq!((beside.dir(), beside.home.is_none()), (file.as_path(), true));
+        assert!(beside.limit().unwrap_err().contains("beside guestd"));
+    }
+
+    /// Only the root cgroup has no `cgroup.type`; elsewhere PID 1 is a container's init and
+    /// anything else a delegated service, at home above `guestd-agent` if started there.
+    #[test]
+    fn guestds_home_is_the_root_a_delegated_cgroup_or_a_containers() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(Home::of(root.path().to_owned(), true).kind, HomeKind::Root);
+        let service = root.path().join("guestd.service");
+        let agent = service.join(AGENT);
+        fs::create_dir_all(&agent).unwrap();
+        for dir in [&service, &agent] {
+            fs::write(dir.join("cgroup.type"), "domain\n").unwrap();
+        }
+        let home = Home::of(service.clone(), false);
+        assert_eq!((home.dir.as_path(), home.kind), (service.as_path(), HomeKind::Delegated));
+        let home = Home::of(agent.clone(), false);
+        assert_eq!((home.dir.as_path(), home.kind), (service.as_path(), HomeKind::Delegated), "DelegateSubgroup=");
+        let home = Home::of(agent.clone(), true);
+        assert_eq!((home.dir.as_path(), home.kind), (agent.as_path(), HomeKind::Container));
+        let container = Cgroups::for_guestd_in(home);
+        let refusal = container.limit().unwrap_err();
+        assert!(refusal.contains("init of a container"), "{refusal}");
+        assert!(!agent.join(AGENT).exists() && !agent.join("cgroup.subtree_control").exists(), "nothing touched");
+    }
+
+    /// A delegated guestd moves into `guestd-agent` only when it is alone in its cgroup; when it
+    /// is below already there is nothing to move. (Plain directories stand in for cgroups.)
+    #[test]
+    fn guestd_moves_into_its_leaf_only_when_alone() {
+        let me = std::process::id().to_string();
+        let home = tempfile::tempdir().unwrap();
+        let procs = home.path().join("cgroup.procs");
+        fs::write(&procs, format!("{me}\n4242\n")).unwrap();
+        let error = move_into_leaf(home.path()).unwrap_err();
+        assert!(error.contains("process 4242 shares guestd's cgroup"), "{error}");
+        assert!(!home.path().join(AGENT).exists());
+        fs::write(&procs, "").unwrap();
+        move_into_leaf(home.path()).unwrap();
+        assert!(!home.path().join(AGENT).exists(), "already below: nothing to move");
+        fs::write(&procs, format!("{me}\n")).unwrap();
+        move_into_leaf(home.path()).unwrap();
+        assert_eq!(fs::read_to_string(home.path().join(AGENT).join("cgroup.procs")).unwrap(), me);
+    }
+
+    /// A service's own limits, where lower than the machine's, are what the commands' share is
+    /// taken from (systemd's TasksMax is far below `threads-max`).
+    #[test]
+    fn a_cgroups_own_limits_are_read_as_numbers_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("pids.max"), "4915\n").unwrap();
+        fs::write(dir.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(limit_of(dir.path(), "pids.max"), 4915);
+        assert_eq!(limit_of(dir.path(), "memory.max"), u64::MAX);
+        assert_eq!(limit_of(dir.path(), "cpu.max"), u64::MAX, "no such file: no limit");
     }
 
     /// A mount of a subtree (a container's cgroup namespace seen from outside, a bind mount)

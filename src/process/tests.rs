@@ -393,7 +393,7 @@ async fn with_cgroups_the_timeout_reaches_descendants_that_left_the_group() {
     assert!(wait_dead(escaped).await, "the timeout reached the sleep that called setsid");
 }
 
-/// Each command starts in a cgroup of its own, beside guestd's. An ended command's empty cgroup
+/// Each command starts in a cgroup of its own, in `guestd-commands`. An ended command's empty cgroup
 /// serves a later command; shutdown removes them all.
 #[tokio::test]
 async fn with_cgroups_each_command_has_a_cgroup_of_its_own() {

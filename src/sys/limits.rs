@@ -36,3 +36,16 @@ pub fn raise_nofile() -> io::Result<Option<(u64, u64)>> {
 pub fn child_nofile() -> Option<[u64; 2]> {
     CHILD_NOFILE.get().copied()
 }
+
+/// Sets the nice value of the thread `tid` of this process (None: the calling thread); 19 is
+/// the lowest priority, for work that should fill idle time. Best effort: raising a priority
+/// needs CAP_SYS_NICE, which guestd has as root.
+pub fn set_thread_nice(tid: Option<i32>, nice: i32) {
+    let who = tid.unwrap_or(0);
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS names one thread (0: the
+    // calling one), so no other thread of guestd is affected.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, who as _, nice) };
+    if rc != 0 {
+        tracing::debug!(who, nice, error = %io::Error::last_os_error(), "cannot change a thread's priority");
+    }
+}

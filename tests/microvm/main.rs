@@ -245,6 +245,45 @@ async fn sh(client: &Client, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A second guestd, started the way a service manager with `Delegate=yes` starts it: not PID 1,
+/// alone in a cgroup of its own (`/svc`, whose `pids.max` stands in for systemd's `TasksMax`).
+/// It moves itself into `guestd-agent` so that its commands, in `guestd-commands`, get limits
+/// taken from the service's own.
+async fn delegated_guestd(vm: &Vm, client: &Client, options: &ClientOptions) {
+    const PORT: u32 = GUEST_PORT + 1;
+    // The inner shell moves itself into /svc, then becomes guestd.
+    sh(
+        client,
+        &format!(
+            "mkdir /sys/fs/cgroup/svc && echo 300 > /sys/fs/cgroup/svc/pids.max && \
+             sh -c 'echo $$ > /sys/fs/cgroup/svc/cgroup.procs && exec /sbin/guestd --listen vsock://-1:{PORT}' \
+             </dev/null >/tmp/svc.log 2>&1 &"
+        ),
+    )
+    .await;
+    let addr = GuestAddr::HybridVsock { path: vm.dir.path().join("vm.vsock"), port: PORT };
+    let Ok(svc) = Client::connect(addr, options.clone()).await else {
+        panic!("the delegated guestd answers; its log:\n{}", sh(client, "cat /tmp/svc.log").await);
+    };
+    let cgroup = sh(&svc, "grep ^0:: /proc/self/cgroup").await;
+    assert!(cgroup.starts_with("0::/svc/guestd-commands/guestd-"), "{cgroup}");
+    let limits = sh(
+        &svc,
+        "cd /sys/fs/cgroup/svc/guestd-commands; for i in $(seq 50); do [ -e pids.max ] && [ \"$(cat pids.max)\" != max ] && break; sleep 0.1; done; \
+         cat pids.max cpu.weight; cat ../cgroup.procs | wc -l; cat /proc/$(cat ../guestd-agent/cgroup.procs)/comm",
+    )
+    .await;
+    let log = sh(client, "cat /tmp/svc.log").await;
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        // 300 less the 64 task slots kept for the agent; no process left in /svc itself: guestd
+        // moved into guestd-agent.
+        ["236", "50", "0", "guestd"],
+        "pids.max, cpu.weight, processes in /svc, guestd-agent's process; its log:\n{log}"
+    );
+    sh(client, "kill -TERM $(cat /sys/fs/cgroup/svc/guestd-agent/cgroup.procs)").await;
+}
+
 /// The guest-clock time of the last guestd log line `is_line` picks (see the call sites).
 fn logged_uptime(console: &str, clocks: &str, is_line: impl Fn(&str) -> bool) -> Option<f64> {
     let uptime: f64 = clocks.split_whitespace().next()?.parse().ok()?;
@@ -311,7 +350,7 @@ async fn drive(vm: &mut Vm) {
         },
         ..ClientOptions::default()
     };
-    let client = Client::connect(addr.clone(), options).await.expect("guestd answers over hybrid vsock");
+    let client = Client::connect(addr.clone(), options.clone()).await.expect("guestd answers over hybrid vsock");
     let connected = vm.spawned.elapsed();
     // `cat` itself (no shell in between) reads the guest clock, as early as a command can.
     let first_cmd = Command::new("cat").args(["/proc/uptime", "/boot-times"]);
@@ -372,6 +411,8 @@ async fn drive(vm: &mut Vm) {
     let wait_gone =
         format!("for i in $(seq 50); do test -e /proc/{escaped} || {{ echo gone; exit; }}; sleep 0.1; done");
     assert_eq!(sh(&client, &wait_gone).await, "gone\n", "the kill reached sleep {escaped}, which called setsid");
+
+    delegated_guestd(vm, &client, &options).await;
 
     let kernel = sh(&client, "uname -r").await.trim().to_owned();
     let clocksource = sh(&client, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource").await;
