@@ -1,10 +1,13 @@
 //! E2B path rules (envd's `ExpandAndResolve`, rpc.md §3.1), shared by Process.Start's cwd and
 //! every filesystem RPC.
 //!
-//! Pure string work: no filesystem access, no symlink resolution, no containment checks.
+//! Pure byte-string work: no filesystem access, no symlink resolution, no containment checks. A
+//! Linux path is bytes, not always UTF-8, and `/files` can name any (an RPC's `string` cannot).
 //! Deliberate envd compatibility (rpc.md §7): relative paths are relative to the user's home,
 //! not to the default workdir; absolute paths are returned as given, not cleaned.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::users::User;
@@ -23,55 +26,52 @@ pub enum PathError {
 ///   `~name` -> [`PathError::UserHome`];
 /// - absolute -> as is (not cleaned);
 /// - relative -> `home.join(path)`, cleaned lexically.
-pub fn resolve(path: &str, user: &User, default_workdir: Option<&Path>) -> Result<PathBuf, PathError> {
-    let owned;
-    let path = if path.is_empty() {
-        match default_workdir {
-            Some(workdir) => {
-                owned = workdir.to_string_lossy().into_owned();
-                owned.as_str()
-            }
+pub fn resolve(path: impl AsRef<OsStr>, user: &User, default_workdir: Option<&Path>) -> Result<PathBuf, PathError> {
+    let path = match path.as_ref().as_bytes() {
+        b"" => match default_workdir {
+            Some(workdir) => workdir.as_os_str().as_bytes(),
             None => return Ok(user.home.clone()),
-        }
-    } else {
-        path
+        },
+        path => path,
     };
-    if let Some(rest) = path.strip_prefix('~') {
-        if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('\\')) {
-            return Err(PathError::UserHome { path: path.to_owned() });
+    let home = user.home.as_os_str().as_bytes();
+    if let Some(rest) = path.strip_prefix(b"~") {
+        if !(rest.is_empty() || rest.starts_with(b"/") || rest.starts_with(b"\\")) {
+            return Err(PathError::UserHome { path: String::from_utf8_lossy(path).into_owned() });
         }
-        return Ok(clean(&format!("{}/{rest}", user.home.display())));
+        return Ok(clean(&[home, b"/", rest].concat()));
     }
-    if path.starts_with('/') {
-        return Ok(PathBuf::from(path));
+    if path.starts_with(b"/") {
+        return Ok(PathBuf::from(OsStr::from_bytes(path)));
     }
-    Ok(clean(&format!("{}/{path}", user.home.display())))
+    Ok(clean(&[home, b"/", path].concat()))
 }
 
 /// Lexical cleaning like Go's `filepath.Clean`: collapses `//`, drops `.`, resolves `..` against
 /// the preceding element (never above `/` for rooted paths).
-fn clean(path: &str) -> PathBuf {
-    let rooted = path.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
+fn clean(path: &[u8]) -> PathBuf {
+    let rooted = path.starts_with(b"/");
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for part in path.split(|&b| b == b'/') {
         match part {
-            "" | "." => {}
-            ".." => match parts.last() {
-                Some(&last) if last != ".." => {
+            b"" | b"." => {}
+            b".." => match parts.last() {
+                Some(&last) if last != b".." => {
                     parts.pop();
                 }
                 _ if rooted => {}
-                _ => parts.push(".."),
+                _ => parts.push(b".."),
             },
             other => parts.push(other),
         }
     }
-    let joined = parts.join("/");
-    match (rooted, joined.is_empty()) {
-        (true, _) => PathBuf::from(format!("/{joined}")),
-        (false, true) => PathBuf::from("."),
-        (false, false) => PathBuf::from(joined),
-    }
+    let joined = parts.join(&b'/');
+    let path = match (rooted, joined.is_empty()) {
+        (true, _) => [b"/", joined.as_slice()].concat(),
+        (false, true) => b".".to_vec(),
+        (false, false) => joined,
+    };
+    PathBuf::from(OsStr::from_bytes(&path))
 }
 
 #[cfg(test)]
@@ -125,9 +125,19 @@ mod tests {
 
     #[test]
     fn clean_matches_go() {
-        assert_eq!(clean("a//b/./c/.."), PathBuf::from("a/b"));
-        assert_eq!(clean("../a"), PathBuf::from("../a"));
-        assert_eq!(clean(""), PathBuf::from("."));
-        assert_eq!(clean("/.."), PathBuf::from("/"));
+        assert_eq!(clean(b"a//b/./c/.."), PathBuf::from("a/b"));
+        assert_eq!(clean(b"../a"), PathBuf::from("../a"));
+        assert_eq!(clean(b""), PathBuf::from("."));
+        assert_eq!(clean(b"/.."), PathBuf::from("/"));
+    }
+
+    /// A name that is not UTF-8 keeps its bytes, relative or absolute.
+    #[test]
+    fn paths_are_bytes() {
+        let name = OsStr::from_bytes(b"caf\xe9/../\xff.txt");
+        let expected = PathBuf::from(OsStr::from_bytes(b"/home/user/\xff.txt"));
+        assert_eq!(resolve(name, &user(), None).unwrap(), expected);
+        let absolute = OsStr::from_bytes(b"/tmp/\xfe");
+        assert_eq!(resolve(absolute, &user(), None).unwrap().as_os_str(), absolute);
     }
 }

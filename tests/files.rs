@@ -226,6 +226,27 @@ async fn octet_stream_upload_then_identity_download() {
     assert_eq!(reply.header("content-encoding"), None);
 }
 
+/// A Linux file name is bytes: `%FE` names byte 0xFE both ways, not U+FFFD (a decoder into
+/// `String` would write and read a file of another name). envd (Go) keeps the bytes too.
+#[tokio::test]
+async fn file_names_that_are_not_utf8_keep_their_bytes() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let (addr, _server) = serve().await;
+    let (_dir, root) = workdir();
+    let dir = root.to_str().unwrap();
+    let named = |byte: u8| root.join(std::ffi::OsStr::from_bytes(&[b'n', byte, b'.', b'b', b'i', b'n']));
+    let uri = format!("/files?path={dir}/n%FE.bin");
+    let reply = send(addr, post(&uri, &[OCTET], full("uploaded"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(std::fs::read(named(0xfe)).unwrap(), b"uploaded", "written under its own bytes");
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "and under no other name");
+
+    std::fs::write(named(0xff), "on disk").unwrap();
+    let reply = send(addr, get(&format!("/files?path={dir}/n%ff.bin"), &[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(&reply.body[..], b"on disk");
+}
+
 #[tokio::test]
 async fn octet_stream_requires_path_and_known_types() {
     let (addr, _server) = serve().await;

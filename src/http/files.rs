@@ -20,15 +20,16 @@ mod media;
 mod range;
 mod upload;
 
+use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::unix::ffi::OsStringExt as _;
 use std::path::PathBuf;
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::fs::{FsError, MetadataError, Owner};
 use crate::paths::{self, PathError};
@@ -48,19 +49,46 @@ pub fn method_router(state: FilesState) -> MethodRouter {
 }
 
 /// Query parameters of both directions. Unknown ones (`signature`, ...) are ignored here.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq)]
 struct FilesQuery {
-    path: Option<String>,
+    /// Bytes, as percent-decoded: a Linux file name need not be UTF-8 (`%FF` names byte 0xFF,
+    /// where a decoder into `String` would substitute U+FFFD and write or read another file).
+    path: Option<OsString>,
     username: Option<String>,
+}
+
+impl FilesQuery {
+    /// `application/x-www-form-urlencoded` as Go's `url.ParseQuery` reads it for envd: `+` is a
+    /// space, a malformed `%` escape stays as written, the first of repeated keys counts.
+    fn parse(raw: Option<&str>) -> FilesQuery {
+        let mut query = FilesQuery::default();
+        for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode(value.replace('+', " ").as_bytes()).collect::<Vec<u8>>();
+            match &*percent_encoding::percent_decode_str(&key.replace('+', " ")).decode_utf8_lossy() {
+                "path" if query.path.is_none() => query.path = Some(OsString::from_vec(value)),
+                "username" if query.username.is_none() => {
+                    query.username = Some(String::from_utf8_lossy(&value).into_owned());
+                }
+                _ => {}
+            }
+        }
+        query
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for FilesQuery {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(FilesQuery::parse(parts.uri.query()))
+    }
 }
 
 /// Why a `/files` request failed. [`status`] maps each to its HTTP status; the message a client
 /// sees is the error's chain (`what: why: root cause`).
 #[derive(Debug, thiserror::Error)]
 enum FilesError {
-    /// The query string did not decode.
-    #[error("invalid query")]
-    Query(#[source] QueryRejection),
     /// No `username` parameter and no default user configured.
     #[error("username not provided")]
     NoUser,
@@ -145,8 +173,7 @@ enum FilesError {
 /// (envd: 500 — the SDK treats both as a generic `SandboxException`).
 fn status(err: &FilesError) -> StatusCode {
     match err {
-        FilesError::Query(_)
-        | FilesError::NoUser
+        FilesError::NoUser
         | FilesError::Path { .. }
         | FilesError::MissingPath
         | FilesError::UploadToDirectory { .. }
@@ -239,8 +266,9 @@ fn lookup(name: &str) -> Result<User, FilesError> {
     users::lookup(name).map_err(FilesError::User)
 }
 
-fn resolve(raw: &str, user: &User, workdir: Option<&std::path::Path>) -> Result<PathBuf, FilesError> {
-    paths::resolve(raw, user, workdir).map_err(|source| FilesError::Path { path: raw.to_owned(), source })
+fn resolve(raw: &OsStr, user: &User, workdir: Option<&std::path::Path>) -> Result<PathBuf, FilesError> {
+    paths::resolve(raw, user, workdir)
+        .map_err(|source| FilesError::Path { path: raw.to_string_lossy().into_owned(), source })
 }
 
 fn owner(user: &User) -> Owner {
@@ -257,6 +285,18 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As Go's `url.ParseQuery` (envd): `+` is a space, bad escapes stay, the first value of a
+    /// repeated key counts, other keys are ignored, and `path` keeps bytes that are not UTF-8.
+    #[test]
+    fn the_query_is_read_as_envd_reads_it() {
+        let q = FilesQuery::parse(Some("path=%2Ftmp%2Fa+b%zz&username=us%65r&path=/other&signature=x"));
+        assert_eq!(q, FilesQuery { path: Some("/tmp/a b%zz".into()), username: Some("user".into()) });
+        let q = FilesQuery::parse(Some("path=/tmp/%FF&username"));
+        assert_eq!(q.path, Some(OsString::from_vec(b"/tmp/\xff".to_vec())));
+        assert_eq!(q.username.as_deref(), Some(""), "present but empty: the empty user, not the default");
+        assert_eq!(FilesQuery::parse(None), FilesQuery::default());
+    }
 
     #[test]
     fn statuses_follow_envd() {

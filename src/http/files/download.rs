@@ -17,8 +17,7 @@ use std::io::{self, Write as _};
 use std::time::SystemTime;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -32,25 +31,18 @@ use super::{FilesError, FilesQuery, FilesState, blocking, lookup, resolve, usern
 use crate::fs::ReadableFile;
 use crate::fs::entry::base_name;
 
-pub(super) async fn get_files(
-    State(state): State<FilesState>,
-    query: Result<Query<FilesQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
+pub(super) async fn get_files(State(state): State<FilesState>, query: FilesQuery, headers: HeaderMap) -> Response {
     download(state, query, headers).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 #[tracing::instrument(name = "files.download", skip_all, fields(path))]
-async fn download(
-    state: FilesState,
-    query: Result<Query<FilesQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, FilesError> {
-    let Query(query) = query.map_err(FilesError::Query)?;
+async fn download(state: FilesState, query: FilesQuery, headers: HeaderMap) -> Result<Response, FilesError> {
     let defaults = state.session.defaults();
     let user = lookup(&username(&defaults, query.username.as_deref())?)?;
-    let raw_path = query.path.unwrap_or_default();
-    let path = resolve(&raw_path, &user, defaults.workdir.as_deref())?;
+    let raw = query.path.unwrap_or_default();
+    let path = resolve(&raw, &user, defaults.workdir.as_deref())?;
+    // For the media type by extension, which only ASCII can match.
+    let raw_path = raw.to_string_lossy();
     tracing::Span::current().record("path", tracing::field::display(path.display()));
 
     let opened = path.clone();

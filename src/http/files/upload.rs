@@ -12,6 +12,7 @@
 //! memory. Multipart framing is parsed by `multer` over the same stream, which holds at most
 //! [`MULTIPART_FRAMING_LIMIT`] bytes of preamble or part headers plus one chunk.
 
+use std::ffi::OsStr;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -22,8 +23,7 @@ use std::task::{Context, Poll};
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -47,7 +47,7 @@ const METADATA_HEADER_PREFIX: &str = "x-metadata-";
 
 pub(super) async fn post_files(
     State(state): State<FilesState>,
-    query: Result<Query<FilesQuery>, QueryRejection>,
+    query: FilesQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -60,11 +60,10 @@ pub(super) async fn post_files(
 #[tracing::instrument(name = "files.upload", skip_all, fields(path, user))]
 async fn upload(
     state: FilesState,
-    query: Result<Query<FilesQuery>, QueryRejection>,
+    query: FilesQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<UploadResponse, FilesError> {
-    let Query(query) = query.map_err(FilesError::Query)?;
     // envd rejects an unsupported encoding before looking the user up.
     let defaults = state.session.defaults();
     let username = username(&defaults, query.username.as_deref())?;
@@ -97,7 +96,7 @@ async fn upload(
             .filter(|b| !b.is_empty())
             .ok_or_else(|| FilesError::BadMultipart("no multipart boundary param in Content-Type".to_owned()))?;
         if let Some(raw) = &query.path {
-            tracing::Span::current().record("path", raw.as_str());
+            tracing::Span::current().record("path", raw.to_string_lossy().as_ref());
         }
         let budget = FramingBudget::default();
         let feed = MultipartFeed::new(body_stream(body, gzip), budget.clone());
@@ -110,10 +109,10 @@ async fn upload(
 /// Where an upload named `raw` goes. A name ending in `/` names a directory: refused, where
 /// envd (Go's `filepath.Clean`) would drop the slash and write a file called like the directory
 /// the client meant, or fail with a 500 when that is an existing file.
-fn file_path(raw: &str, user: &User, workdir: Option<&std::path::Path>) -> Result<PathBuf, FilesError> {
+fn file_path(raw: &OsStr, user: &User, workdir: Option<&std::path::Path>) -> Result<PathBuf, FilesError> {
     let path = resolve(raw, user, workdir)?;
     if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
-        return Err(FilesError::UploadToDirectory { path: raw.to_owned() });
+        return Err(FilesError::UploadToDirectory { path: raw.to_string_lossy().into_owned() });
     }
     Ok(path)
 }
@@ -259,7 +258,7 @@ impl<S: futures_util::Stream<Item = io::Result<Bytes>> + Unpin> futures_util::St
 async fn upload_parts(
     mut parts: multer::Multipart<'static>,
     budget: FramingBudget,
-    path_override: Option<&str>,
+    path_override: Option<&OsStr>,
     target: &Target<'_>,
 ) -> Result<Vec<WrittenFile>, FilesError> {
     let mut written: Vec<WrittenFile> = Vec::new();
@@ -284,7 +283,7 @@ async fn upload_parts(
             Some(raw) => raw.to_owned(),
             None => {
                 let disposition = disposition.map_err(FilesError::PartFileName)?;
-                disposition.params.get("filename").cloned().ok_or(FilesError::MissingFileName)?
+                disposition.params.get("filename").cloned().ok_or(FilesError::MissingFileName)?.into()
             }
         };
         let path = file_path(&raw, target.user, target.workdir)?;
