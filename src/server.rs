@@ -169,14 +169,17 @@ impl Server {
 type Service = tower::util::BoxCloneSyncService<::http::Request<Incoming>, axum::response::Response, Infallible>;
 
 /// Where commands get cgroups of their own, if anywhere (logged either way), searched for on a
-/// thread of its own while guestd starts serving.
+/// thread of its own from now on: the listeners are bound, so a client may already be waiting.
 fn command_cgroups(config: &Config) -> Arc<CgroupSource> {
     if !config.cgroups {
         info!("--no-cgroups: commands run in guestd's cgroup; signals reach their process groups");
         return CgroupSource::known(None);
     }
     let source = CgroupSource::new(find_cgroups);
-    source.prepare();
+    // As PID 1 (a VM's init) nothing else runs yet: the search can fill idle time, leaving the
+    // CPU to guestd's own start; elsewhere it could be starved by a busy machine while the first
+    // command waits for it.
+    source.prepare(crate::pid1::is_pid1());
     source
 }
 
@@ -290,7 +293,8 @@ impl Accept for Vsock {
     /// Not `tokio_vsock::VsockStream`: it cannot write vectored (`sys::stream` says what that costs).
     type Io = crate::sys::stream::SocketStream;
     async fn accept(&self) -> io::Result<Self::Io> {
-        let (stream, _) = self.0.accept().await?;
+        // The std stream, not yet registered with the reactor: it is registered once, as ours.
+        let (stream, _) = std::future::poll_fn(|cx| self.0.poll_accept_std(cx)).await?;
         crate::sys::stream::SocketStream::new(stream.into())
     }
 }

@@ -20,12 +20,16 @@
 //! do together (envd gives its `user` cgroup the same memory and CPU limits), set off the spawn
 //! path once guestd serves ([`CgroupSource::prepare`]) where guestd may enable controllers in its
 //! cgroup ([`Home`] says where that is):
-//! - `memory.high` = `memory.max` = the machine's memory less 1/8 of it (at most 128 MiB): a
-//!   command that allocates without bound is reclaimed, then OOM-killed inside that cgroup,
-//!   before guestd's own pages are touched;
-//! - `cpu.weight` 50 (guestd's threads weigh 100 each): the agent answers under a CPU hog;
-//! - `pids.max` = `kernel.threads-max` less 1/16 of it (at least 64): a fork bomb cannot take
-//!   the last task slots, which guestd needs to start threads and commands.
+//! - `memory.high` = `memory.max` = the memory less 1/8 of it (at most 128 MiB): a command that
+//!   allocates without bound is reclaimed, then OOM-killed inside that cgroup, before guestd's
+//!   own pages are touched;
+//! - `cpu.weight` 50 (guestd's threads weigh 100 each in the root cgroup, `guestd-agent` 100 as
+//!   a whole in a delegated one): the agent answers under a CPU hog;
+//! - `pids.max` = the task slots less 1/16 of them (at least 64): a fork bomb cannot take the
+//!   last ones, which guestd needs to start threads and commands.
+//!
+//! The memory and task slots are the machine's (`MemTotal`, `kernel.threads-max`), or those of
+//! guestd's cgroup where it has lower limits (a service's `MemoryMax`, `TasksMax`).
 //!
 //! Where there is no writable cgroup v2 (a container's read-only `/sys/fs/cgroup`, a cgroup v1
 //! machine, `--no-cgroups`), or the kernel refuses `CLONE_INTO_CGROUP` (before 5.7, or a seccomp
@@ -38,7 +42,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use nix::sys::signal::{Signal, kill};
@@ -57,8 +61,9 @@ type Limits = Vec<(&'static str, String)>;
 /// The cgroup holding every command's cgroup, below guestd's own.
 pub const COMMANDS: &str = "guestd-commands";
 
-/// Where a delegated guestd moves itself so that controllers can be enabled for `guestd-commands`
-/// ([`move_into_leaf`]); systemd's `DelegateSubgroup=guestd-agent` starts it there.
+/// The cgroup a service manager starts guestd in, below the one it delegates to guestd
+/// (systemd 254+: `Delegate=yes` with `DelegateSubgroup=guestd-agent`): the sign that guestd may
+/// enable controllers in the cgroup above for `guestd-commands`.
 pub const AGENT: &str = "guestd-agent";
 
 /// Emptied cgroups kept for the next commands: reusing one saves a `mkdir` and an `rmdir` per
@@ -75,18 +80,14 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 /// How a manager finds its [`Cgroups`]: on first use, or ahead of it on a thread of its own.
 /// At boot in a VM, finding the hierarchy and setting up `guestd-commands` takes tens of
 /// milliseconds, better spent while the host is still connecting than before guestd listens.
-pub struct CgroupSource {
-    found: LazyLock<Option<Arc<Cgroups>>, Find>,
-    /// The thread searching ahead, while it searches at the lowest priority ([`CgroupSource::prepare`]).
-    searcher: AtomicI32,
-}
+pub struct CgroupSource(LazyLock<Option<Arc<Cgroups>>, Find>);
 
 type Find = Box<dyn FnOnce() -> Option<Arc<Cgroups>> + Send>;
 
 impl CgroupSource {
     /// `find` runs once, on the first [`CgroupSource::get`] or [`CgroupSource::prepare`].
     pub fn new(find: impl FnOnce() -> Option<Arc<Cgroups>> + Send + 'static) -> Arc<CgroupSource> {
-        Arc::new(CgroupSource { found: LazyLock::new(Box::new(find)), searcher: AtomicI32::new(0) })
+        Arc::new(CgroupSource(LazyLock::new(Box::new(find))))
     }
 
     /// Already known (tests, embedders).
@@ -94,21 +95,23 @@ impl CgroupSource {
         CgroupSource::new(move || cgroups)
     }
 
-    /// Runs the search now, on a thread of its own at the lowest priority (it fills the time
-    /// guestd waits for its first client, without delaying guestd's own start on a one-CPU VM),
-    /// then sets the commands' shared limits ([`Cgroups::limit`]), which no spawn waits for.
-    /// A `get` meanwhile waits for the search, and raises it to the normal priority first: a
-    /// busy boot (an init starting its services) must not starve the first command through it.
-    /// The limits are set at the normal priority: enabling controllers holds a kernel lock every
-    /// fork takes.
-    pub fn prepare(self: &Arc<Self>) {
+    /// Runs the search now, on a thread of its own (it fills the time guestd waits for its first
+    /// client; a `get` meanwhile waits for it), then sets the commands' shared limits
+    /// ([`Cgroups::limit`]), which no spawn waits for. `idle`: search at the lowest priority, so
+    /// that on a one-CPU VM it does not delay guestd's own start; only where nothing else can
+    /// starve it while a spawn waits for it. The limits are set at guestd's priority: enabling
+    /// controllers holds a kernel lock every fork takes.
+    pub fn prepare(self: &Arc<Self>, idle: bool) {
         let this = Arc::clone(self);
         let started = std::thread::Builder::new().name("cgroups".into()).spawn(move || {
-            this.searcher.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
-            crate::sys::limits::set_thread_nice(None, 19);
-            let found = LazyLock::force(&this.found);
-            this.searcher.store(0, Ordering::SeqCst);
-            crate::sys::limits::set_thread_nice(None, 0);
+            let normal = crate::sys::limits::this_threads_nice();
+            if idle {
+                crate::sys::limits::set_this_threads_nice(19);
+            }
+            let found = LazyLock::force(&this.0);
+            if idle && let Some(normal) = normal {
+                crate::sys::limits::set_this_threads_nice(normal);
+            }
             if let Some(cgroups) = found {
                 match cgroups.limit() {
                     Ok(limits) => tracing::info!(dir = %cgroups.dir.display(), %limits, "limits the commands share"),
@@ -122,12 +125,7 @@ impl CgroupSource {
     }
 
     pub fn get(&self) -> Option<&Arc<Cgroups>> {
-        let searcher = self.searcher.load(Ordering::SeqCst);
-        if searcher != 0 {
-            // Best effort: raising a priority needs CAP_SYS_NICE, which guestd has as root.
-            crate::sys::limits::set_thread_nice(Some(searcher), 0);
-        }
-        self.found.as_ref()
+        self.0.as_ref()
     }
 }
 
@@ -164,30 +162,29 @@ enum HomeKind {
     /// The root cgroup (a VM where guestd is PID 1): the only one that may hold processes and
     /// enable controllers for its children.
     Root,
-    /// Another cgroup, given to guestd (a service with `Delegate=yes`): guestd leaves it for
-    /// `guestd-agent` below it before enabling controllers there ("no internal processes").
+    /// The cgroup a service manager delegated to guestd, which it started in `guestd-agent`
+    /// below it: it holds no process of its own, so it can enable controllers.
     Delegated,
-    /// A container's cgroup, guestd being its PID 1: `docker exec` and the like put processes
-    /// straight into it, which the kernel refuses once it enables controllers: it gets none.
-    Container,
+    /// Any other cgroup: a container's (whose runtime puts `exec`'d processes straight into it,
+    /// which the kernel refuses once it enables controllers), a service's that was not delegated
+    /// (its manager owns its controllers), one guestd shares with other processes. Commands get
+    /// cgroups of their own there, but no limits: guestd cannot tell it may enable controllers.
+    Shared,
 }
 
 impl Home {
-    /// guestd runs in the cgroup `dir` (as PID 1 or not): where its commands' cgroups go, and
-    /// whether they can have limits. A guestd that its service manager started in `guestd-agent`
-    /// (systemd's `DelegateSubgroup=`) is at home in the cgroup above.
-    fn of(dir: PathBuf, pid1: bool) -> Home {
+    /// guestd runs in the cgroup `dir`: where its commands' cgroups go, and whether they can have
+    /// limits.
+    fn of(dir: PathBuf) -> Home {
         // Every cgroup but the root has a `cgroup.type`, also the root of a cgroup namespace.
-        let kind = match (dir.join("cgroup.type").exists(), pid1) {
-            (false, _) => HomeKind::Root,
-            (true, true) => HomeKind::Container,
-            (true, false) => HomeKind::Delegated,
-        };
+        if !dir.join("cgroup.type").exists() {
+            return Home { dir, kind: HomeKind::Root };
+        }
         match dir.parent() {
-            Some(parent) if kind == HomeKind::Delegated && dir.file_name() == Some(AGENT.as_ref()) => {
-                Home { dir: parent.to_owned(), kind }
+            Some(parent) if dir.file_name() == Some(AGENT.as_ref()) => {
+                Home { dir: parent.to_owned(), kind: HomeKind::Delegated }
             }
-            _ => Home { dir, kind },
+            _ => Home { dir, kind: HomeKind::Shared },
         }
     }
 }
@@ -210,7 +207,7 @@ impl Cgroups {
         let mounts =
             fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
         let dir = cgroup2_dir(&mounts, own).ok_or_else(|| format!("no cgroup2 mount shows guestd's cgroup {own}"))?;
-        let home = Home::of(dir, crate::pid1::is_pid1());
+        let home = Home::of(dir);
         nix::unistd::access(&home.dir, nix::unistd::AccessFlags::W_OK)
             .map_err(|e| format!("cannot create cgroups in {}: {e}", home.dir.display()))?;
         let cgroups = Cgroups::for_guestd_in(home);
@@ -244,19 +241,23 @@ impl Cgroups {
     }
 
     /// Sets the limits all commands share (see the module docs); returns them as `file=value`
-    /// pairs, or why there are none. A limit the kernel does not offer is left out. A delegated
-    /// guestd first moves itself into `guestd-agent`. (Moving a process, and enabling a
-    /// controller while commands run, take a lock whose first use can wait for an RCU grace
-    /// period: this runs off the spawn path.)
+    /// pairs, or why there are none. A limit the kernel does not offer is left out. (Enabling a
+    /// controller while commands run moves them, which takes a lock whose first use can wait
+    /// for an RCU grace period: this runs off the spawn path.)
     pub fn limit(&self) -> Result<String, String> {
         let home = self.home.as_ref().ok_or("the commands' cgroups are beside guestd's")?;
-        match home.kind {
-            HomeKind::Root => {}
-            HomeKind::Delegated => move_into_leaf(&home.dir)?,
-            HomeKind::Container => {
+        if home.kind == HomeKind::Shared {
+            return Err(format!(
+                "guestd's cgroup {} is not delegated to it (a container's, a service's without \
+                 Delegate=yes and DelegateSubgroup={AGENT}): no controllers are enabled there",
+                home.dir.display()
+            ));
+        }
+        if home.kind == HomeKind::Delegated {
+            let procs = fs::read_to_string(home.dir.join("cgroup.procs")).unwrap_or_default();
+            if let Some(pid) = procs.lines().next() {
                 return Err(format!(
-                    "guestd is the init of a container ({}): enabling controllers there would keep \
-                     `docker exec` and the like out of it",
+                    "process {pid} is in {} itself, beside {AGENT}: no controllers can be enabled there",
                     home.dir.display()
                 ));
             }
@@ -494,34 +495,6 @@ impl Drop for Cgroup {
             self.owner.release(slot, *self.killed.get_mut());
         }
     }
-}
-
-/// Moves guestd from its cgroup `home` into `home/guestd-agent`, so that `home` can enable
-/// controllers for `guestd-commands`: cgroup v2 lets only a cgroup without processes of its own
-/// do that (but the root). Nothing to move when guestd is below already. Refused when another
-/// process is in `home`: it would keep the controllers off all the same, and it is not guestd's
-/// to move.
-fn move_into_leaf(home: &Path) -> Result<(), String> {
-    let me = std::process::id().to_string();
-    let procs = home.join("cgroup.procs");
-    let members = fs::read_to_string(&procs).map_err(|e| format!("reading {}: {e}", procs.display()))?;
-    if let Some(other) = members.lines().find(|pid| *pid != me) {
-        return Err(format!(
-            "process {other} shares guestd's cgroup {}: no controllers can be enabled there for the commands",
-            home.display()
-        ));
-    }
-    if members.trim().is_empty() {
-        return Ok(());
-    }
-    let leaf = home.join(AGENT);
-    match fs::create_dir(&leaf) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            return Err(format!("creating {}: {e}", leaf.display()));
-        }
-        _ => {}
-    }
-    fs::write(leaf.join("cgroup.procs"), &me).map_err(|e| format!("moving guestd into {}: {e}", leaf.display()))
 }
 
 /// Enables the cpu, memory and pids controllers for the children of guestd's home and sets `commands`'
@@ -788,99 +761,44 @@ mod tests {
         assert_eq!(command_limits(1 << 30, 100)[3].1, "50", "at most half the task slots are kept back");
     }
 
-    /// The search ahead runs at the lowest priority until a spawn needs its answer: the spawn
-    /// raises it before waiting, so a busy machine cannot starve the first command through it.
-    #[test]
-    fn a_spawn_waiting_for_the_search_raises_its_priority() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED a_spawn_waiting_for_the_search_raises_its_priority: raising a priority needs root");
-            return;
-        }
-        let nice_of = |tid: i32| -> i64 {
-            let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-            // The fields after the command name (in parentheses); nice is the 19th field in all.
-            stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap()
-        };
-        let (searching, searcher) = std::sync::mpsc::channel();
-        let (finish, finished) = std::sync::mpsc::channel::<()>();
-        let source = CgroupSource::new(move || {
-            searching.send(nix::unistd::gettid().as_raw()).unwrap();
-            finished.recv().unwrap();
-            None
-        });
-        source.prepare();
-        let tid = searcher.recv().unwrap();
-        assert_eq!(nice_of(tid), 19, "searching ahead at the lowest priority");
-        let spawn = std::thread::spawn({
-            let source = Arc::clone(&source);
-            move || source.get().is_none()
-        });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while nice_of(tid) != 0 {
-            assert!(std::time::Instant::now() < deadline, "the waiting spawn never raised the search");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        finish.send(()).unwrap();
-        assert!(spawn.join().unwrap(), "the spawn got the search's answer");
-    }
-
     /// Commands go into `guestd-commands` wherever guestd runs; whether they get limits depends
     /// on where that is.
     #[test]
     fn commands_go_into_guestd_commands_below_guestds_home() {
         let dir = tempfile::tempdir().unwrap();
-        let cgroups = Cgroups::for_guestd_in(Home::of(dir.path().to_owned(), false));
+        let cgroups = Cgroups::for_guestd_in(Home::of(dir.path().to_owned()));
         assert_eq!(cgroups.dir(), dir.path().join(COMMANDS));
         assert_eq!(cgroups.home.as_ref().map(|h| (h.dir.as_path(), h.kind)), Some((dir.path(), HomeKind::Root)));
         // Where it cannot be made, beside guestd, and without limits.
         let file = dir.path().join("not-a-directory");
         fs::write(&file, "").unwrap();
-        let beside = Cgroups::for_guestd_in(Home::of(file.clone(), false));
+        let beside = Cgroups::for_guestd_in(Home::of(file.clone()));
         assert_eq!((beside.dir(), beside.home.is_none()), (file.as_path(), true));
         assert!(beside.limit().unwrap_err().contains("beside guestd"));
     }
 
-    /// Only the root cgroup has no `cgroup.type`; elsewhere PID 1 is a container's init and
-    /// anything else a delegated service, at home above `guestd-agent` if started there.
+    /// Only the root cgroup has no `cgroup.type`; a cgroup named `guestd-agent` is where a
+    /// service manager that delegated the one above started guestd; anything else gets no
+    /// limits, and is left untouched.
     #[test]
-    fn guestds_home_is_the_root_a_delegated_cgroup_or_a_containers() {
+    fn guestds_home_is_the_root_a_delegated_cgroup_or_shared() {
         let root = tempfile::tempdir().unwrap();
-        assert_eq!(Home::of(root.path().to_owned(), true).kind, HomeKind::Root);
+        assert_eq!(Home::of(root.path().to_owned()).kind, HomeKind::Root);
         let service = root.path().join("guestd.service");
         let agent = service.join(AGENT);
         fs::create_dir_all(&agent).unwrap();
         for dir in [&service, &agent] {
             fs::write(dir.join("cgroup.type"), "domain\n").unwrap();
         }
-        let home = Home::of(service.clone(), false);
+        let home = Home::of(agent.clone());
         assert_eq!((home.dir.as_path(), home.kind), (service.as_path(), HomeKind::Delegated));
-        let home = Home::of(agent.clone(), false);
-        assert_eq!((home.dir.as_path(), home.kind), (service.as_path(), HomeKind::Delegated), "DelegateSubgroup=");
-        let home = Home::of(agent.clone(), true);
-        assert_eq!((home.dir.as_path(), home.kind), (agent.as_path(), HomeKind::Container));
-        let container = Cgroups::for_guestd_in(home);
-        let refusal = container.limit().unwrap_err();
-        assert!(refusal.contains("init of a container"), "{refusal}");
-        assert!(!agent.join(AGENT).exists() && !agent.join("cgroup.subtree_control").exists(), "nothing touched");
-    }
-
-    /// A delegated guestd moves into `guestd-agent` only when it is alone in its cgroup; when it
-    /// is below already there is nothing to move. (Plain directories stand in for cgroups.)
-    #[test]
-    fn guestd_moves_into_its_leaf_only_when_alone() {
-        let me = std::process::id().to_string();
-        let home = tempfile::tempdir().unwrap();
-        let procs = home.path().join("cgroup.procs");
-        fs::write(&procs, format!("{me}\n4242\n")).unwrap();
-        let error = move_into_leaf(home.path()).unwrap_err();
-        assert!(error.contains("process 4242 shares guestd's cgroup"), "{error}");
-        assert!(!home.path().join(AGENT).exists());
-        fs::write(&procs, "").unwrap();
-        move_into_leaf(home.path()).unwrap();
-        assert!(!home.path().join(AGENT).exists(), "already below: nothing to move");
-        fs::write(&procs, format!("{me}\n")).unwrap();
-        move_into_leaf(home.path()).unwrap();
-        assert_eq!(fs::read_to_string(home.path().join(AGENT).join("cgroup.procs")).unwrap(), me);
+        let home = Home::of(service.clone());
+        assert_eq!((home.dir.as_path(), home.kind), (service.as_path(), HomeKind::Shared));
+        let shared = Cgroups::for_guestd_in(home);
+        assert_eq!(shared.dir(), service.join(COMMANDS), "commands still get cgroups of their own");
+        let refusal = shared.limit().unwrap_err();
+        assert!(refusal.contains("not delegated"), "{refusal}");
+        assert!(!service.join("cgroup.subtree_control").exists(), "nothing enabled");
     }
 
     /// A service's own limits, where lower than the machine's, are what the commands' share is

@@ -37,15 +37,44 @@ pub fn child_nofile() -> Option<[u64; 2]> {
     CHILD_NOFILE.get().copied()
 }
 
-/// Sets the nice value of the thread `tid` of this process (None: the calling thread); 19 is
-/// the lowest priority, for work that should fill idle time. Best effort: raising a priority
-/// needs CAP_SYS_NICE, which guestd has as root.
-pub fn set_thread_nice(tid: Option<i32>, nice: i32) {
-    let who = tid.unwrap_or(0);
-    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS names one thread (0: the
-    // calling one), so no other thread of guestd is affected.
-    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, who as _, nice) };
+/// The calling thread's nice value (threads have their own on Linux), if it can be read.
+pub fn this_threads_nice() -> Option<i32> {
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority takes no pointers; PRIO_PROCESS with who = 0 names the calling thread.
+    let nice = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS as _, 0) };
+    // -1 is a valid nice value: only errno tells an error apart.
+    (nice != -1 || nix::errno::Errno::last_raw() == 0).then_some(nice)
+}
+
+/// Sets the calling thread's nice value, best effort: raising a priority back needs
+/// CAP_SYS_NICE, which guestd has where it lowers one (as PID 1).
+pub fn set_this_threads_nice(nice: i32) {
+    // SAFETY: setpriority takes no pointers; PRIO_PROCESS with who = 0 names the calling thread,
+    // so no other thread of guestd is affected.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS as _, 0, nice) };
     if rc != 0 {
-        tracing::debug!(who, nice, error = %io::Error::last_os_error(), "cannot change a thread's priority");
+        tracing::debug!(nice, error = %io::Error::last_os_error(), "cannot change this thread's priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threads_nice_value_is_its_own() {
+        let mine = this_threads_nice();
+        let (own, other) = std::thread::spawn(|| {
+            let before = this_threads_nice().unwrap();
+            set_this_threads_nice(before + 3);
+            let own = this_threads_nice();
+            let other = std::thread::spawn(this_threads_nice).join().unwrap();
+            (own.map(|n| n - before), other.map(|n| n - before))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(own, Some(3), "lowered");
+        assert_eq!(other, Some(3), "a new thread inherits its creator's value");
+        assert_eq!(this_threads_nice(), mine, "and this thread kept its own");
     }
 }

@@ -31,8 +31,8 @@ impl SocketStream {
         Ok(Self { inner: register(fd)? })
     }
 
-    /// Runs one non-blocking syscall once the socket is ready for `interest`; retries on
-    /// `EINTR` and on a readiness that turned out stale.
+    /// Runs one non-blocking syscall once the socket is ready for writing (`write`) or reading;
+    /// retries on `EINTR` and on a readiness that turned out stale.
     fn poll_io<T>(
         &self,
         cx: &mut Context<'_>,
@@ -86,8 +86,8 @@ impl AsyncWrite for SocketStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        // writev(2) takes at most IOV_MAX (1024) slices; the caller writes the rest next time.
-        let bufs = &bufs[..bufs.len().min(1024)];
+        // writev(2) takes at most UIO_MAXIOV slices; the caller writes the rest next time.
+        let bufs = &bufs[..bufs.len().min(nix::libc::UIO_MAXIOV as usize)];
         self.poll_io(cx, true, |fd| Ok(nix::sys::uio::writev(fd, bufs)?))
     }
 

@@ -245,18 +245,18 @@ async fn sh(client: &Client, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A second guestd, started the way a service manager with `Delegate=yes` starts it: not PID 1,
-/// alone in a cgroup of its own (`/svc`, whose `pids.max` stands in for systemd's `TasksMax`).
-/// It moves itself into `guestd-agent` so that its commands, in `guestd-commands`, get limits
-/// taken from the service's own.
+/// A second guestd, started the way systemd starts a service with `Delegate=yes` and
+/// `DelegateSubgroup=guestd-agent`: not PID 1, in `guestd-agent` below the service's cgroup
+/// (`/svc`, whose `pids.max` stands in for `TasksMax`). Its commands, in `guestd-commands`
+/// beside it, get limits taken from the service's own.
 async fn delegated_guestd(vm: &Vm, client: &Client, options: &ClientOptions) {
     const PORT: u32 = GUEST_PORT + 1;
-    // The inner shell moves itself into /svc, then becomes guestd.
+    // The inner shell moves itself into /svc/guestd-agent, then becomes guestd.
     sh(
         client,
         &format!(
-            "mkdir /sys/fs/cgroup/svc && echo 300 > /sys/fs/cgroup/svc/pids.max && \
-             sh -c 'echo $$ > /sys/fs/cgroup/svc/cgroup.procs && exec /sbin/guestd --listen vsock://-1:{PORT}' \
+            "mkdir -p /sys/fs/cgroup/svc/guestd-agent && echo 300 > /sys/fs/cgroup/svc/pids.max && \
+             sh -c 'echo $$ > /sys/fs/cgroup/svc/guestd-agent/cgroup.procs && exec /sbin/guestd --listen vsock://-1:{PORT}' \
              </dev/null >/tmp/svc.log 2>&1 &"
         ),
     )
@@ -276,8 +276,7 @@ async fn delegated_guestd(vm: &Vm, client: &Client, options: &ClientOptions) {
     let log = sh(client, "cat /tmp/svc.log").await;
     assert_eq!(
         limits.split_whitespace().collect::<Vec<_>>(),
-        // 300 less the 64 task slots kept for the agent; no process left in /svc itself: guestd
-        // moved into guestd-agent.
+        // 300 less the 64 task slots kept for the agent; no process in /svc itself.
         ["236", "50", "0", "guestd"],
         "pids.max, cpu.weight, processes in /svc, guestd-agent's process; its log:\n{log}"
     );
