@@ -23,6 +23,7 @@
 //! | [`sys`] | the only module with `unsafe`: what runs between fork and exec |
 //! | [`proto`] | generated protobuf/tonic code (adapters only) |
 
+pub mod body;
 pub mod boot;
 pub mod client;
 pub mod config;

@@ -3,9 +3,12 @@
 //!
 //! Bodies arrive in arbitrary fragments (HTTP/1.1 chunks, h2 DATA frames), so the decoder
 //! keeps the fragments it was given and cuts frames out of them: a frame lying inside one
-//! fragment is a zero-copy slice, only a frame that spans fragments is copied once. The
-//! length prefix is checked against the limit as soon as its 5 bytes are in, so a hostile
-//! "4 GiB" prefix is rejected before anything is allocated for it.
+//! fragment is a zero-copy slice, only a frame that spans fragments is copied once. Small
+//! fragments are copied as they arrive instead of kept: each is a slice of one of hyper's read
+//! buffers, and a client sending a message one byte per fragment made every byte hold a buffer
+//! (kilobytes) until the message was complete. The length prefix is checked against the limit
+//! as soon as its 5 bytes are in, so a hostile "4 GiB" prefix is rejected before anything is
+//! allocated for it.
 
 use std::collections::VecDeque;
 
@@ -27,10 +30,17 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
-/// Incremental frame decoder. Memory held is at most one frame plus one input fragment.
+/// Fragments smaller than this are copied into the decoder's own buffer (see the module docs);
+/// larger ones are kept as they are, holding at most a few times their size of hyper's buffers.
+const COPY_BELOW: usize = 16 * 1024;
+
+/// Incremental frame decoder. Memory held is about one frame plus one input fragment.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Fragments kept as given, then `copied`: the buffered bytes in order.
     chunks: VecDeque<Bytes>,
+    /// Small fragments that arrived after the last kept one, joined.
+    copied: BytesMut,
     buffered: usize,
     /// Flags and length of the frame whose header was consumed but whose payload is incomplete.
     header: Option<(u8, usize)>,
@@ -39,13 +49,18 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max_payload: usize) -> Self {
-        Self { chunks: VecDeque::new(), buffered: 0, header: None, max_payload }
+        Self { chunks: VecDeque::new(), copied: BytesMut::new(), buffered: 0, header: None, max_payload }
     }
 
     /// Add the next fragment of the body.
     pub fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.buffered += chunk.len();
+        self.buffered += chunk.len();
+        if chunk.len() < COPY_BELOW {
+            self.copied.extend_from_slice(&chunk);
+        } else {
+            if !self.copied.is_empty() {
+                self.chunks.push_back(self.copied.split().freeze());
+            }
             self.chunks.push_back(chunk);
         }
     }
@@ -91,6 +106,10 @@ impl FrameDecoder {
                 self.chunks.pop_front();
             }
         }
+        let n = (out.len() - filled).min(self.copied.len());
+        out[filled..filled + n].copy_from_slice(&self.copied[..n]);
+        self.copied.advance(n);
+        filled += n;
         self.buffered -= filled;
     }
 
@@ -108,6 +127,10 @@ impl FrameDecoder {
             }
             self.buffered -= len;
             return out;
+        }
+        if self.chunks.is_empty() && self.copied.len() >= len {
+            self.buffered -= len;
+            return self.copied.split_to(len).freeze();
         }
         let mut out = BytesMut::with_capacity(len);
         out.resize(len, 0);
@@ -239,12 +262,43 @@ mod tests {
 
     #[test]
     fn single_fragment_frames_are_zero_copy() {
-        let wire = Bytes::from(envelope(0, b"abcdef").to_vec());
+        let wire = Bytes::from(envelope(0, &[1; COPY_BELOW]).to_vec());
         let base = wire.as_ptr() as usize;
-        let mut d = FrameDecoder::new(64);
+        let mut d = FrameDecoder::new(COPY_BELOW);
         d.push(wire);
         let f = d.decode().unwrap().unwrap();
         assert_eq!(f.payload.as_ptr() as usize, base + HEADER_LEN);
+    }
+
+    /// One-byte fragments cut from a big buffer (what hyper hands over for one-byte chunks) are
+    /// copied, so they do not keep that buffer alive while the message is incomplete.
+    #[test]
+    fn small_fragments_are_copied_and_free_their_buffers() {
+        let wire = Bytes::from(envelope(0, &[7; 1000]).to_vec());
+        let mut d = FrameDecoder::new(4096);
+        for i in 0..wire.len() - 1 {
+            d.push(wire.slice(i..=i));
+            assert_eq!(d.decode().unwrap(), None);
+        }
+        let last = Bytes::copy_from_slice(&wire[wire.len() - 1..]);
+        assert!(wire.try_into_mut().is_ok(), "no fragment of the big buffer is kept");
+        d.push(last);
+        let frame = d.decode().unwrap().unwrap();
+        assert_eq!(frame.payload.len(), 1000);
+        assert!(frame.payload.iter().all(|&b| b == 7));
+    }
+
+    /// Small fragments between kept ones keep their order.
+    #[test]
+    fn copied_and_kept_fragments_stay_in_order() {
+        let payload: Vec<u8> = (0..3 * COPY_BELOW as u32).map(|i| (i % 251) as u8).collect();
+        let wire = Bytes::from(envelope(0, &payload).to_vec());
+        let mut d = FrameDecoder::new(payload.len());
+        let cuts = [0, 3, 7, 7 + COPY_BELOW, 9 + COPY_BELOW, 2 * COPY_BELOW + 20, wire.len()];
+        for pair in cuts.windows(2) {
+            d.push(wire.slice(pair[0]..pair[1]));
+        }
+        assert_eq!(d.decode().unwrap().unwrap().payload, payload);
     }
 
     #[test]

@@ -15,7 +15,6 @@ use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame as HttpFrame;
-use http_body_util::BodyExt as _;
 
 use super::compression::{self, Encoding};
 use super::envelope::{self, FLAG_COMPRESSED, FrameDecoder};
@@ -85,14 +84,10 @@ pub(super) async fn read_unary_body(headers: &HeaderMap, body: Body) -> Result<B
     {
         return Err(ConnectProtocolError::MessageTooLarge { size, max: MAX_MESSAGE_BYTES });
     }
-    let limited = http_body_util::Limited::new(body, MAX_MESSAGE_BYTES);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ConnectProtocolError::BodyTooLarge { max: MAX_MESSAGE_BYTES })
-        }
-        Err(e) => Err(ConnectProtocolError::ReadBody(axum::Error::new(e))),
-    }
+    crate::body::read_to_bytes(body, MAX_MESSAGE_BYTES, declared).await.map_err(|e| match e {
+        crate::body::ReadBodyError::TooLarge { max } => ConnectProtocolError::BodyTooLarge { max },
+        crate::body::ReadBodyError::Read(e) => ConnectProtocolError::ReadBody(e),
+    })
 }
 
 /// The gRPC frame for a unary Connect body.

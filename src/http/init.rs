@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,11 +35,17 @@ struct Body {
     entropy: Option<String>,
 }
 
-pub(super) async fn post_init(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
+pub(super) async fn post_init(State(agent): State<Arc<Agent>>, body: axum::body::Body) -> Response {
     let version = [(HeaderName::X_ENVD_VERSION, HeaderValue::from_static(ENVD_VERSION))];
-    if body.len() > MAX_INIT_BODY {
-        return (StatusCode::PAYLOAD_TOO_LARGE, version, "init body too large\n").into_response();
-    }
+    let body = match crate::body::read_to_bytes(body, MAX_INIT_BODY, None).await {
+        Ok(body) => body,
+        Err(crate::body::ReadBodyError::TooLarge { .. }) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, version, "init body too large\n").into_response();
+        }
+        Err(err) => {
+            return (StatusCode::BAD_REQUEST, version, format!("{}\n", crate::error_chain(&err))).into_response();
+        }
+    };
     let parsed: Body = if body.is_empty() {
         Body::default()
     } else {
