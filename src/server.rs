@@ -18,7 +18,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -49,6 +51,13 @@ const PROCESS_RETENTION: Duration = Duration::from_secs(60);
 
 /// Pause after an accept error such as EMFILE, so a full fd table does not spin a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How long a new connection may take to send the bytes that tell HTTP/1.1 from h2 (the h2
+/// preface is 24). Until then hyper waits without a timer of its own, so a client that connects
+/// and sends nothing (or a part of the preface) held a descriptor forever, and enough of them
+/// stopped guestd accepting. Afterwards hyper's own timers take over (HTTP/1.1: the request
+/// head within 30 s; h2: keep-alive pings). Same as hyper's HTTP/1.1 header timeout.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Interval of HTTP/2 PING frames, so dead peers of long streams are noticed.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -305,19 +314,30 @@ async fn accept_loop<L: Accept>(listener: L, ctx: AcceptContext, mut stop: tokio
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(H2_KEEPALIVE));
     let graceful = GracefulShutdown::new();
+    let mut failed_accepts: u64 = 0;
     loop {
         let io = tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok(io) => io,
                 Err(err) => {
-                    warn!(error = %err, "accept failed");
+                    // Once per streak (EMFILE lasts while the descriptors are taken): not a
+                    // line every 50 ms.
+                    if failed_accepts == 0 {
+                        warn!(error = %err, "accept failed; retrying");
+                    }
+                    failed_accepts += 1;
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
             },
         };
+        if failed_accepts > 0 {
+            info!(failed = failed_accepts, "accepting again");
+            failed_accepts = 0;
+        }
         let service = TowerToHyperService::new(ctx.service.clone());
+        let io = PrefaceDeadline::new(io, PREFACE_TIMEOUT);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
         let connection = graceful.watch(connection);
         // Connections are tracked by `graceful`, not by the accept-loop tracker: a stream may
@@ -330,5 +350,114 @@ async fn accept_loop<L: Accept>(listener: L, ctx: AcceptContext, mut stop: tokio
     }
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; leaving them");
+    }
+}
+
+/// A new connection's IO, failing its reads with `TimedOut` when the first
+/// [`H2_PREFACE_LEN`] bytes have not arrived within the deadline (see [`PREFACE_TIMEOUT`]);
+/// after them, or once that many were read, a plain pass-through.
+struct PrefaceDeadline<T> {
+    io: T,
+    /// None once the preface's worth of bytes was read.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    read: usize,
+}
+
+/// The h2 client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`: what hyper reads to tell the
+/// protocols apart.
+const H2_PREFACE_LEN: usize = 24;
+
+impl<T> PrefaceDeadline<T> {
+    fn new(io: T, timeout: Duration) -> Self {
+        Self { io, deadline: Some(Box::pin(tokio::time::sleep(timeout))), read: 0 }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PrefaceDeadline<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else { return polled };
+        if polled.is_ready() {
+            this.read += buf.filled().len() - before;
+            if this.read >= H2_PREFACE_LEN || matches!(polled, Poll::Ready(Err(_))) {
+                this.deadline = None;
+            } else if buf.filled().len() == before {
+                this.deadline = None; // end of file
+            }
+            return polled;
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no request within {}s of connecting", PREFACE_TIMEOUT.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PrefaceDeadline<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A connection that sends nothing, or only part of the h2 preface, is dropped once the
+    /// deadline passes; one that sent the preface's worth is never timed out by it.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_must_say_what_it_speaks_within_the_deadline() {
+        for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut server = PrefaceDeadline::new(server, PREFACE_TIMEOUT);
+            client.write_all(sent).await.unwrap();
+            let mut buf = vec![0; 64];
+            let mut got = 0;
+            let err = loop {
+                match server.read(&mut buf[got..]).await {
+                    Ok(n) => got += n,
+                    Err(err) => break err,
+                }
+            };
+            assert_eq!((got, err.kind()), (sent.len(), io::ErrorKind::TimedOut), "{err}");
+        }
+
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut server = PrefaceDeadline::new(server, PREFACE_TIMEOUT);
+        client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut buf = vec![0; 64];
+        assert_eq!(server.read(&mut buf).await.unwrap(), H2_PREFACE_LEN);
+        let later = tokio::spawn(async move { server.read(&mut buf).await.map(|_| ()) });
+        tokio::time::sleep(PREFACE_TIMEOUT * 4).await;
+        assert!(!later.is_finished(), "an idle connection that spoke is left to hyper's own timers");
+        drop(client);
+        later.await.unwrap().unwrap();
     }
 }
