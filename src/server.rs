@@ -438,7 +438,7 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(1024);
             let mut server = PrefaceDeadline::new(server, PREFACE_TIMEOUT);
             client.write_all(sent).await.unwrap();
-            let mut buf = vec![0; 64];
+            let mut buf = [0u8; 64];
             let mut got = 0;
             let err = loop {
                 match server.read(&mut buf[got..]).await {
@@ -452,7 +452,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1024);
         let mut server = PrefaceDeadline::new(server, PREFACE_TIMEOUT);
         client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        let mut buf = vec![0; 64];
+        let mut buf = [0u8; 64];
         assert_eq!(server.read(&mut buf).await.unwrap(), H2_PREFACE_LEN);
         let later = tokio::spawn(async move { server.read(&mut buf).await.map(|_| ()) });
         tokio::time::sleep(PREFACE_TIMEOUT * 4).await;
