@@ -146,6 +146,13 @@ fn sigkill(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
 }
 
+/// The name of the cgroup a new command of `pm` runs in (the last part of its `0::` line).
+async fn cgroup_of_a_command(pm: &ProcessManager) -> String {
+    let mut p = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
+    let out = String::from_utf8(collect(&mut p.events).await.stdout).unwrap();
+    out.trim().rsplit('/').next().unwrap().to_owned()
+}
+
 async fn wait_dead(pid: u32) -> bool {
     for _ in 0..100 {
         if dead(pid) {
@@ -418,10 +425,8 @@ async fn with_cgroups_each_command_has_a_cgroup_of_its_own() {
     drop((first, second));
     tokio::time::sleep(Duration::from_millis(100)).await; // the supervisors let go of them
 
-    let mut third = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
-    let out = String::from_utf8(collect(&mut third.events).await.stdout).unwrap();
-    assert!(names.iter().any(|n| out.trim().ends_with(&format!("/{n}"))), "an emptied cgroup is reused: {out}");
-    drop(third);
+    let third = cgroup_of_a_command(&pm).await;
+    assert!(names.contains(&third), "an emptied cgroup is reused: {third}");
     pm.shutdown(Duration::from_secs(1)).await;
     for name in &names {
         assert!(!cgroups.dir().join(name).exists(), "{name} removed at shutdown");
@@ -447,9 +452,8 @@ async fn with_cgroups_a_cgroup_still_in_use_is_removed_by_a_later_spawn() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let path = cgroups.dir().join(&name);
     assert!(path.exists(), "the daemon keeps {} in use", path.display());
-    let mut q = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
-    let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
-    assert!(!other.trim().ends_with(&format!("/{name}")), "the daemon's cgroup is not reused: {other}");
+    let other = cgroup_of_a_command(&pm).await;
+    assert_ne!(other, name, "the daemon's cgroup is not reused");
 
     sigkill(daemon);
     assert!(wait_dead(daemon).await);
@@ -483,10 +487,9 @@ async fn with_cgroups_a_process_in_a_cgroup_below_keeps_it_in_use() {
     collect(&mut p.events).await;
     drop(p);
     tokio::time::sleep(Duration::from_millis(100)).await; // released
-    let mut q = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
-    let other = String::from_utf8(collect(&mut q.events).await.stdout).unwrap();
+    let other = cgroup_of_a_command(&pm).await;
     sigkill(below);
-    assert!(!other.trim().ends_with(&format!("/{name}")), "{name} still holds a process below: {other}");
+    assert_ne!(other, name, "{name} still holds a process below");
 
     assert!(wait_dead(below).await);
     let mut r = pm.start(spec("true", &[])).await.unwrap();
@@ -534,15 +537,10 @@ async fn with_cgroups_commands_after_a_kill_run_normally() {
 async fn with_cgroups_a_spare_removed_meanwhile_is_skipped() {
     let Some(cgroups) = cgroups("with_cgroups_a_spare_removed_meanwhile_is_skipped") else { return };
     let pm = manager_with(Some(Arc::clone(&cgroups)));
-    let own_cgroup = || async {
-        let mut p = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
-        let out = String::from_utf8(collect(&mut p.events).await.stdout).unwrap();
-        out.trim().rsplit('/').next().unwrap().to_owned()
-    };
-    let first = own_cgroup().await;
+    let first = cgroup_of_a_command(&pm).await;
     tokio::time::sleep(Duration::from_millis(100)).await; // released as a spare
     std::fs::remove_dir(cgroups.dir().join(&first)).unwrap();
-    let second = own_cgroup().await;
+    let second = cgroup_of_a_command(&pm).await;
     assert_ne!(first, second);
     assert!(second.starts_with("guestd-") && cgroups.active(), "{second}");
 }
@@ -554,15 +552,10 @@ async fn with_cgroups_a_spare_removed_meanwhile_is_skipped() {
 async fn with_cgroups_a_spare_killed_from_outside_is_replaced() {
     let Some(cgroups) = cgroups("with_cgroups_a_spare_killed_from_outside_is_replaced") else { return };
     let pm = manager_with(Some(Arc::clone(&cgroups)));
-    let own_cgroup = || async {
-        let mut p = pm.start(sh("grep ^0:: /proc/self/cgroup")).await.unwrap();
-        let out = String::from_utf8(collect(&mut p.events).await.stdout).unwrap();
-        out.trim().rsplit('/').next().unwrap().to_owned()
-    };
-    let first = own_cgroup().await;
+    let first = cgroup_of_a_command(&pm).await;
     tokio::time::sleep(Duration::from_millis(100)).await; // released as a spare
     std::fs::write(cgroups.dir().join(&first).join("cgroup.kill"), "1").unwrap();
-    let second = own_cgroup().await;
+    let second = cgroup_of_a_command(&pm).await;
     assert!(second.starts_with("guestd-") && second != first && cgroups.active(), "{first} then {second}");
     assert!(!cgroups.dir().join(&first).exists(), "the killed spare is removed");
 }
