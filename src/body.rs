@@ -34,9 +34,6 @@ where
             if out.len() + data.len() > max {
                 return Err(ReadBodyError::TooLarge { max });
             }
-            if out.is_empty() && out.capacity() == 0 && body.is_end_stream() {
-                return Ok(data); // the whole body in one fragment: nothing to join
-            }
             out.extend_from_slice(&data);
         }
     }

@@ -380,11 +380,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for PrefaceDeadline<T> {
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         let Some(deadline) = this.deadline.as_mut() else { return polled };
         if polled.is_ready() {
-            this.read += buf.filled().len() - before;
-            if this.read >= H2_PREFACE_LEN || matches!(polled, Poll::Ready(Err(_))) {
+            let n = buf.filled().len() - before;
+            this.read += n;
+            // Enough to tell the protocols apart, an error, or end of file: hyper takes it from here.
+            if this.read >= H2_PREFACE_LEN || n == 0 || matches!(polled, Poll::Ready(Err(_))) {
                 this.deadline = None;
-            } else if buf.filled().len() == before {
-                this.deadline = None; // end of file
             }
             return polled;
         }

@@ -104,12 +104,12 @@ impl CgroupSource {
     pub fn prepare(self: &Arc<Self>, idle: bool) {
         let this = Arc::clone(self);
         let started = std::thread::Builder::new().name("cgroups".into()).spawn(move || {
-            let normal = crate::sys::limits::this_threads_nice();
+            let normal = idle.then(crate::sys::limits::this_threads_nice).flatten();
             if idle {
                 crate::sys::limits::set_this_threads_nice(19);
             }
             let found = LazyLock::force(&this.0);
-            if idle && let Some(normal) = normal {
+            if let Some(normal) = normal {
                 crate::sys::limits::set_this_threads_nice(normal);
             }
             if let Some(cgroups) = found {
@@ -497,8 +497,8 @@ impl Drop for Cgroup {
     }
 }
 
-/// Enables the cpu, memory and pids controllers for the children of guestd's home and sets `commands`'
-/// limits (see the module docs): the limits set, or why there are none.
+/// Enables the cpu, memory and pids controllers for the children of guestd's home and sets
+/// `commands`' limits (see the module docs): the limits set, or why there are none.
 fn limit_commands(home: &Path, commands: &Path) -> Result<Limits, String> {
     let available =
         fs::read_to_string(home.join("cgroup.controllers")).map_err(|e| format!("cgroup.controllers: {e}"))?;
@@ -556,12 +556,15 @@ fn command_limits(mem_total: u64, threads_max: u64) -> [(&'static str, String); 
 fn members(path: &Path, into: &mut Vec<i32>) -> io::Result<()> {
     let procs = fs::read_to_string(path.join("cgroup.procs"))?;
     into.extend(procs.lines().filter_map(|line| line.parse::<i32>().ok()));
-    for entry in fs::read_dir(path)?.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            let _ = members(&entry.path(), into); // one removed meanwhile holds no process
-        }
+    for below in cgroups_below(path)? {
+        let _ = members(&below, into); // one removed meanwhile holds no process
     }
     Ok(())
+}
+
+/// The cgroups right below the one at `path` (its subdirectories).
+fn cgroups_below(path: &Path) -> io::Result<impl Iterator<Item = PathBuf>> {
+    Ok(fs::read_dir(path)?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()))
 }
 
 /// Whether no process is left in the cgroup or in cgroups below it (where the command may have
@@ -585,10 +588,8 @@ fn unpopulated(slot: &Slot) -> bool {
 fn remove(path: &Path) -> io::Result<()> {
     match fs::remove_dir(path) {
         Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
-            for entry in fs::read_dir(path)?.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = remove(&entry.path());
-                }
+            for below in cgroups_below(path)? {
+                let _ = remove(&below);
             }
             fs::remove_dir(path)
         }

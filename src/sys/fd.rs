@@ -86,18 +86,21 @@ fn read_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, max: usize) -> io::Result<u
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
     debug_assert!(len > 0, "read_into called without spare capacity");
-    // SAFETY: `spare` is writable memory owned by `buf`, valid for `spare.len() >= len` bytes for
-    // the duration of the call; `read(2)` writes at most `len` bytes into it and does not keep
-    // the pointer.
-    let n = unsafe { nix::libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize; // non-negative and <= len, checked above
+    let n = read_uninit(fd, &mut spare[..len])?;
     // SAFETY: the kernel initialised the first `n <= len` bytes of the spare capacity, so the new
     // length covers only initialised bytes and stays within the capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
+}
+
+/// One `read(2)` into `out`, which need not be initialised: how many bytes it initialised, at
+/// most `out.len()`.
+pub(super) fn read_uninit(fd: BorrowedFd<'_>, out: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: `out` is writable memory valid for `out.len()` bytes for the duration of the call;
+    // `read(2)` writes at most that many bytes into it and does not keep the pointer.
+    let n = unsafe { nix::libc::read(fd.as_raw_fd(), out.as_mut_ptr().cast(), out.len()) };
+    // Non-negative and at most the length asked for when it is not an error.
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 /// Appends `len` bytes that `fill` writes into `buf`'s spare capacity, without zeroing them first

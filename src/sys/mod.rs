@@ -5,8 +5,9 @@
 //! allocator ([`alloc`]), non-blocking file descriptors registered with the tokio reactor
 //! ([`fd`]), vsock connections with vectored writes ([`stream`]), PTY allocation and window
 //! sizes ([`pty`]), `waitpid` with the raw status decoded and pidfds ([`wait`]), kernel module
-//! loading ([`kmod`]) and the open-file limit and thread priority ([`limits`]). Nothing in here knows about
-//! processes as guestd sees them (tags, subscribers, retention): that lives in `process`.
+//! loading ([`kmod`]) and the open-file limit and thread priority ([`limits`]). Nothing in here
+//! knows about processes as guestd sees them (tags, subscribers, retention): that lives in
+//! `process`.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment; `clippy::undocumented_unsafe_blocks` is
 //! denied crate-wide.

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::fd::register;
+use super::fd::{read_uninit, register};
 
 /// A connected stream socket in `O_NONBLOCK` mode, registered with the tokio reactor.
 #[derive(Debug)]
@@ -62,13 +62,7 @@ impl AsyncRead for SocketStream {
         // SAFETY: the slice is only handed to read(2), which writes at most its length and never
         // de-initialises anything; `assume_init` below covers exactly the bytes it wrote.
         let unfilled = unsafe { buf.unfilled_mut() };
-        let n = ready!(self.poll_io(cx, false, |fd| {
-            // SAFETY: `unfilled` is writable memory valid for `unfilled.len()` bytes for the
-            // duration of the call; the kernel does not keep the pointer.
-            let n = unsafe { nix::libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len()) };
-            // Non-negative and at most the length asked for when it is not an error.
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-        }))?;
+        let n = ready!(self.poll_io(cx, false, |fd| read_uninit(fd, unfilled)))?;
         // SAFETY: read(2) initialised the first `n` bytes of the unfilled part.
         unsafe { buf.assume_init(n) };
         buf.advance(n);
