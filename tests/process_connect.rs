@@ -116,6 +116,39 @@ async fn connect_timeout_is_the_process_lifetime() {
     server.stop().await;
 }
 
+/// Go quirk #8 (`rpc.md` §7): envd answers `Connect-Timeout-Ms: 0` with `deadline_exceeded`
+/// but starts the process anyway, and with no time limit. guestd treats the deadline as passed
+/// before the call began: the same error, and nothing runs.
+#[tokio::test]
+async fn a_zero_connect_timeout_has_passed_and_nothing_starts() {
+    let server = TestServer::start().await;
+    let marker = tempfile::tempdir().unwrap();
+    let file = marker.path().join("ran");
+    let script = format!("touch {}", file.display());
+    let req = json!({"process": {"cmd": "/bin/sh", "args": ["-c", script]}});
+    let resp = connect_stream(server.addr, START, &[("connect-timeout-ms", "0")], &[req]).await;
+    let (messages, end) = resp.json_stream();
+    assert!(messages.is_empty(), "{messages:?}");
+    assert_eq!(end["error"]["code"], "deadline_exceeded");
+
+    let unary = http(
+        server.addr,
+        "POST",
+        "/process.Process/List",
+        &[("content-type", "application/json"), ("connect-timeout-ms", "0")],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(unary.status, 504);
+    assert_eq!(unary.json()["code"], "deadline_exceeded");
+
+    let list = connect_unary(server.addr, "/process.Process/List", json!({})).await;
+    assert_eq!(list.json(), json!({}), "no process was started");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!file.exists(), "the command ran");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_protocol_errors_and_the_server_keeps_serving() {
     let server = TestServer::start().await;

@@ -5,6 +5,10 @@
 //! sits *inside* [`super::ConnectLayer`], so it covers native gRPC calls and translated Connect
 //! calls (whose `Connect-Timeout-Ms` became `grpc-timeout`) alike:
 //!
+//! * a deadline of zero has passed before the call began → a trailers-only `DEADLINE_EXCEEDED`
+//!   answer, and the handler is never called: nothing starts. (envd answers the same error but
+//!   runs the call anyway, with a process that then has no time limit at all — Go quirk #8 of
+//!   `rpc.md` §7. The SDKs never send `0`: they omit the header for "no timeout".)
 //! * no response head by the deadline → a trailers-only `DEADLINE_EXCEEDED` answer, and the
 //!   handler's future is dropped (cancelled);
 //! * response body still streaming at the deadline → the body ends with trailers
@@ -100,6 +104,9 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let timeout = request_timeout(req.headers());
+        if timeout == Some(Duration::ZERO) {
+            return Box::pin(async { Ok(trailers_only_deadline()) });
+        }
         let fut = self.inner.call(req);
         let Some(timeout) = timeout else {
             return Box::pin(async move { Ok(fut.await?.map(Body::new)) });
@@ -188,6 +195,8 @@ where
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use http_body_util::BodyExt as _;
     use tower::{Layer as _, ServiceExt as _};
@@ -241,6 +250,24 @@ mod tests {
         let trailers = collected.trailers().cloned().unwrap();
         assert_eq!(trailers["grpc-status"], "4");
         assert_eq!(collected.to_bytes().len(), 15, "three 30 ms frames fit in 100 ms");
+    }
+
+    #[tokio::test]
+    async fn a_zero_deadline_has_passed_and_the_handler_is_never_called() {
+        let called = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&called);
+        let svc = GrpcDeadlineLayer.layer(tower::service_fn(move |_req: Request<Body>| {
+            seen.store(true, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Body::from("ran"))) }
+        }));
+        for zero in ["0m", "0n", "0S", "00000000H"] {
+            let res = svc.clone().oneshot(grpc_request(zero)).await.unwrap();
+            assert_eq!(res.headers()["grpc-status"], "4", "{zero}");
+        }
+        assert!(!called.load(Ordering::SeqCst));
+        // The shortest deadline that is not zero still runs the handler.
+        svc.oneshot(grpc_request("1n")).await.unwrap();
+        assert!(called.load(Ordering::SeqCst));
     }
 
     #[tokio::test(start_paused = true)]
