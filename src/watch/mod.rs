@@ -61,7 +61,7 @@ pub use self::entry::EntryInfo;
 pub use self::error::WatchError;
 use self::mailbox::{Mailbox, RawEvent};
 use self::polling::Poller;
-use self::tree::{SubId, Tree};
+use self::tree::{SubId, Tree, Unwatchable};
 
 /// Events a stream may hold that its client has not taken yet. Equal to the kernel's default
 /// `fs.inotify.max_queued_events`, the whole backlog envd tolerated before its stream failed, so
@@ -276,6 +276,7 @@ impl WatchManager {
             // One directory per lock: the reader keeps handling events of other watchers (and
             // of this one's already-watched part) during a long walk.
             let mut stack = vec![root];
+            let mut missed = Unwatchable::default();
             while let Some(dir) = stack.pop() {
                 let Some(path) = shared.tree().path_of(dir) else { continue };
                 let names = tree::read_subdirs(&path);
@@ -285,7 +286,7 @@ impl WatchManager {
                     break;
                 }
                 for name in names {
-                    match tree.add_child(&shared.inotify, dir, &name) {
+                    match tree.add_child(&shared.inotify, dir, &name, &mut missed) {
                         Ok(Some(child)) => stack.push(child),
                         Ok(None) => {}
                         Err(err) => {
@@ -295,6 +296,7 @@ impl WatchManager {
                     }
                 }
             }
+            missed.report();
         }
         Ok((sub, mailbox))
     }

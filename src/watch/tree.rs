@@ -246,7 +246,16 @@ impl Tree {
     /// created in it. When a directory turns out missing, the top's path is checked again
     /// (re-adding a watch on a watched inode returns its existing descriptor); if it no longer
     /// leads to the top, [`WatchError::Moved`] ends the watchers concerned.
-    pub fn add_child(&mut self, ino: &Inotify, parent: Wd, name: &OsStr) -> Result<Option<Wd>, WatchError> {
+    ///
+    /// A directory inotify refuses for another reason (permission: `/proc/1/fdinfo` even for
+    /// root) is skipped and noted in `missed`, which the caller logs once per walk.
+    pub fn add_child(
+        &mut self,
+        ino: &Inotify,
+        parent: Wd,
+        name: &OsStr,
+        missed: &mut Unwatchable,
+    ) -> Result<Option<Wd>, WatchError> {
         let Some(path) = self.path_of(parent).map(|p| p.join(name)) else {
             return Ok(None);
         };
@@ -256,7 +265,7 @@ impl Tree {
             Err(Errno::ENOENT) if !self.top_path_holds(ino, parent) => return Err(WatchError::Moved { path }),
             Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Ok(None),
             Err(errno) => {
-                tracing::warn!(path = %path.display(), %errno, "cannot watch directory; its changes will be missed");
+                missed.note(path, errno);
                 return Ok(None);
             }
         };
@@ -431,11 +440,13 @@ impl Tree {
                 .filter(|sub| self.subs.get(sub).is_some_and(|s| s.recursive))
                 .collect();
             if !targets.is_empty() {
-                match self.add_child(ino, wd, name) {
-                    Ok(Some(dir)) => self.walk_new(ino, dir, &targets),
+                let mut missed = Unwatchable::default();
+                match self.add_child(ino, wd, name, &mut missed) {
+                    Ok(Some(dir)) => self.walk_new(ino, dir, &targets, &mut missed),
                     Ok(None) => {}
                     Err(err) => self.fail_all(ino, &targets, err),
                 }
+                missed.report();
             }
             if let Some(dir) = moved {
                 self.prune(ino, dir);
@@ -445,7 +456,7 @@ impl Tree {
 
     /// Reports everything inside the newly watched directory `start` to `targets` as CREATE (a
     /// pre-order walk in name order, like Go's WalkDir), watching every subdirectory on the way.
-    fn walk_new(&mut self, ino: &Inotify, start: Wd, targets: &[SubId]) {
+    fn walk_new(&mut self, ino: &Inotify, start: Wd, targets: &[SubId], missed: &mut Unwatchable) {
         let mut stack: Vec<Frame> = self.frame(start, targets).into_iter().collect();
         while let Some(frame) = stack.last_mut() {
             let Some((name, is_dir)) = frame.entries.next() else {
@@ -464,7 +475,7 @@ impl Tree {
                 return;
             }
             if is_dir {
-                match self.add_child(ino, dir, &name) {
+                match self.add_child(ino, dir, &name, missed) {
                     Ok(Some(child)) => stack.extend(self.frame(child, targets)),
                     Ok(None) => {}
                     Err(err) => {
@@ -700,6 +711,33 @@ pub(super) fn read_subdirs(dir: &Path) -> Vec<OsString> {
     read_dir_sorted(dir).unwrap_or_default().into_iter().filter(|(_, is_dir)| *is_dir).map(|(name, _)| name).collect()
 }
 
+/// Directories a walk could not watch. A recursive watch of `/` meets dozens in `/proc`
+/// alone; they are logged once per walk, with the first of them, not once each.
+#[derive(Debug, Default)]
+pub struct Unwatchable {
+    count: usize,
+    first: Option<(PathBuf, Errno)>,
+}
+
+impl Unwatchable {
+    fn note(&mut self, path: PathBuf, errno: Errno) {
+        self.count += 1;
+        self.first.get_or_insert((path, errno));
+    }
+
+    /// Logs what was missed, if anything.
+    pub fn report(self) {
+        if let Some((first, errno)) = self.first {
+            tracing::warn!(
+                count = self.count,
+                first = %first.display(),
+                %errno,
+                "cannot watch some directories; their changes will be missed"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -723,10 +761,20 @@ mod tests {
         while let Some(dir) = stack.pop() {
             let path = tree.path_of(dir).unwrap();
             for name in read_subdirs(&path) {
-                stack.extend(tree.add_child(ino, dir, &name).unwrap());
+                stack.extend(tree.add_child(ino, dir, &name, &mut Unwatchable::default()).unwrap());
             }
         }
         sub
+    }
+
+    #[test]
+    fn unwatchable_directories_are_counted_and_the_first_is_kept() {
+        let mut missed = Unwatchable::default();
+        assert!(missed.first.is_none());
+        missed.note(PathBuf::from("/proc/1/fdinfo"), Errno::EACCES);
+        missed.note(PathBuf::from("/proc/1/task/1/fdinfo"), Errno::EPERM);
+        assert_eq!(missed.count, 2);
+        assert_eq!(missed.first, Some((PathBuf::from("/proc/1/fdinfo"), Errno::EACCES)));
     }
 
     #[test]
@@ -783,7 +831,7 @@ mod tests {
         let ino = inotify();
         let mut tree = Tree::new(1);
         let (_, wd) = tree.subscribe(&ino, dir.path(), true, mailbox(dir.path())).unwrap();
-        let err = tree.add_child(&ino, wd, OsStr::new("a")).unwrap_err();
+        let err = tree.add_child(&ino, wd, OsStr::new("a"), &mut Unwatchable::default()).unwrap_err();
         assert!(matches!(err, WatchError::WatchLimit { path, source: Errno::ENOSPC } if path == dir.path().join("a")));
         assert_eq!(tree.watch_count(), 1);
     }
