@@ -387,6 +387,8 @@ async fn validation_errors_name_the_path() {
     fs::write(&file, b"").unwrap();
     let err = m.watch(&file, recursive()).err().unwrap();
     assert!(matches!(&err, WatchError::NotADirectory { path } if path == &file), "{err:?}");
+    // envd's message, without its Go formatting artefact (`%!w(<nil>)`, rpc.md §7.7).
+    assert_eq!(err.to_string(), format!("path {} not a directory", file.display()));
     let err = m.create_watcher(&file, WatchOptions::default()).unwrap_err();
     assert!(matches!(err, WatchError::NotADirectory { .. }), "{err:?}");
     assert_eq!(m.watched_directories(), 0);

@@ -177,7 +177,8 @@ pub struct StartSpec {
     /// true: stdin is a pipe (SendInput/CloseStdin); false: /dev/null. Ignored with a PTY.
     pub stdin: bool,
     /// Process lifetime: when it expires the whole process group gets SIGKILL. `Some(0)` means
-    /// no limit, like envd's `Connect-Timeout-Ms: 0`.
+    /// no limit (the RPC layers never pass it: a zero deadline has passed before the call
+    /// begins, see `connect::deadline`).
     pub timeout: Option<Duration>,
     /// Keep output for late subscribers: every `connect` replays from the oldest retained byte
     /// (the last [`output::REPLAY_TAIL`] bytes) instead of only new output. Used for the boot

@@ -319,6 +319,6 @@ def test_stream_input_data_before_start_is_an_error_not_a_dropped_connection(gue
         with pytest.raises(ConnectError) as info:
             client.stream_input(iter([msg]), timeout_ms=STREAM_TIMEOUT_MS)
         # rpc.md §7.3: envd panics here (connection dropped, UNAVAILABLE on the client).
-        assert info.value.code in (Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT), info.value
+        assert info.value.code == Code.FAILED_PRECONDITION, info.value
     finally:
         client.close()

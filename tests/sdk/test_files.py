@@ -589,6 +589,23 @@ def test_remove_refuses_only_the_empty_path_needs_root(sandbox, test_user):
     assert os.path.isdir(test_user.home)
 
 
+def test_what_the_kernel_refuses_is_permission_denied_naming_the_path(sandbox):
+    """envd maps every OS error to `internal` (rpc.md §7.9); guestd answers EACCES/EPERM with
+    `permission_denied` (HTTP 403 on /files), the path and the OS's reason. sysfs refuses new
+    entries even to root, which these tests run as."""
+    from e2b import SandboxException
+
+    target = f"/sys/guestd-{RUN_ID}"
+    with pytest.raises(SandboxException) as info:
+        sandbox.files.make_dir(target)
+    assert "permission_denied" in str(info.value).lower(), info.value
+    assert f"permission denied: {target}: Operation not permitted" in str(info.value)
+    with pytest.raises(SandboxException) as info:
+        sandbox.files.write(target, "x")
+    assert f"permission denied: {target}" in str(info.value), info.value
+    assert not os.path.exists(target)
+
+
 def test_unknown_user_is_rejected(sandbox, tmp_path):
     from e2b import AuthenticationException
 
