@@ -75,6 +75,7 @@ fn main() -> Result<()> {
     let load_before = load_average()?;
     let mut agent = Agent::start(&bin)?;
     let rss_idle_start = agent.status_kb("VmRSS")?;
+    let rss_anon_idle_start = agent.status_kb("RssAnon")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut http = Http1::connect(agent.addr)?;
     let mut grpc = rt.block_on(grpc_client(agent.addr))?;
@@ -161,6 +162,7 @@ fn main() -> Result<()> {
         relay_s: median(&relay_s),
         tp_rows,
         rss_idle_start,
+        rss_anon_idle_start,
         rss_after_round_trips,
         rss_idle_after,
         rss_peak,
@@ -867,6 +869,9 @@ struct Report {
     relay_s: f64,
     tp_rows: Vec<TpRow>,
     rss_idle_start: u64,
+    /// The anonymous part of `rss_idle_start` (`RssAnon`): the rest is the binary's own pages,
+    /// mapped from the page cache (shared, reclaimable) as its code runs.
+    rss_anon_idle_start: u64,
     rss_after_round_trips: u64,
     rss_idle_after: u64,
     rss_peak: u64,
@@ -923,6 +928,7 @@ impl Report {
         });
         let mut rss = json!({
             "idle_start": self.rss_idle_start,
+            "idle_start_anon": self.rss_anon_idle_start,
             "after_round_trips": self.rss_after_round_trips,
             "idle_2s_after": self.rss_idle_after,
             "peak_hwm": self.rss_peak,
@@ -1042,7 +1048,11 @@ impl fmt::Display for Report {
             }
         }
         writeln!(f, "\nagent VmRSS kB")?;
-        writeln!(f, "  idle after start               {:>8}", self.rss_idle_start)?;
+        writeln!(
+            f,
+            "  idle after start               {:>8}   (anonymous {}; the rest is the binary's pages)",
+            self.rss_idle_start, self.rss_anon_idle_start
+        )?;
         writeln!(f, "  after {:>5} commands           {:>8}", self.commands_run, self.rss_after_round_trips)?;
         for r in &self.tp_rows {
             writeln!(f, "  after throughput, {:<13}{:>8}", r.transport.key(), r.rss_after)?;
