@@ -353,10 +353,15 @@ impl Boot {
         let limit = self.config.ready_timeout.unwrap_or(READY_TIMEOUT);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // An attempt that hangs (a probe of a port that never answers) is killed at the
+            // deadline, so readiness fails on time instead of waiting for it forever. One that
+            // starts just past it (after the pause below) still gets one interval.
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let spec = StartSpec {
                 command: shell_command(ready_cmd, self.config.cwd.clone()),
                 tag: Some(READY_TAG.to_owned()),
                 replay: false,
+                timeout: Some(remaining.max(READY_INTERVAL)),
                 ..start.clone()
             };
             // How this attempt failed, for the error once the time is up.
@@ -372,6 +377,11 @@ impl Boot {
                             }
                             Some(Ok(Event::End(status))) if status.exited && status.exit_code == 0 => {
                                 return self.set_phase(Phase::Ready { pid });
+                            }
+                            Some(Ok(Event::End(status)))
+                                if !status.exited && tokio::time::Instant::now() >= deadline =>
+                            {
+                                break format!("still running at the deadline, {}", status.status);
                             }
                             Some(Ok(Event::End(status))) => break attempt_failure(&status.status, &output),
                             Some(Err(error)) => break error.to_string(),

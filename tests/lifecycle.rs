@@ -274,6 +274,25 @@ async fn a_ready_command_that_never_passes_says_why() {
     server.stop().await;
 }
 
+/// A ready command that hangs (a probe that never gets an answer) is killed at the deadline and
+/// readiness fails on time; before, `/ready` stayed "starting" for as long as it hung.
+#[tokio::test]
+async fn a_ready_command_that_hangs_is_killed_at_the_deadline() {
+    let mut config = Config::loopback("root");
+    config.start.cmd = Some("sleep 60".into());
+    config.start.ready_cmd = Some("echo probing; exec sleep 600".into());
+    config.start.ready_timeout = Some(Duration::from_millis(1500));
+    let server = TestServer::with_config(config).await;
+    assert!(
+        eventually_async(Duration::from_secs(10), || async { ready_json(&server).await.1["state"] == "failed" }).await
+    );
+    let (_, ready) = ready_json(&server).await;
+    let error = ready["error"].as_str().unwrap();
+    assert!(error.starts_with("ready command did not pass within 1.5s"), "{error}");
+    assert!(error.ends_with("last attempt: still running at the deadline, signal: killed"), "{error}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn start_after_init_lets_init_env_vars_and_start_cmd_reach_the_start_command() {
     let out_file = std::env::temp_dir().join(format!("guestd-after-init-{}", std::process::id()));
