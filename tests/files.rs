@@ -245,6 +245,14 @@ async fn file_names_that_are_not_utf8_keep_their_bytes() {
     let reply = send(addr, get(&format!("/files?path={dir}/n%ff.bin"), &[])).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(&reply.body[..], b"on disk");
+
+    // The longest legal name, all Latin-1 bytes: the upload's temporary beside it must fit in
+    // NAME_MAX too (decoded lossily, each byte would have taken three).
+    let long = [0xe9u8; 255];
+    let uri = format!("/files?path={dir}/{}", "%E9".repeat(255));
+    let reply = send(addr, post(&uri, &[OCTET], full("long"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(std::fs::read(root.join(std::ffi::OsStr::from_bytes(&long))).unwrap(), b"long");
 }
 
 #[tokio::test]

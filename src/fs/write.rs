@@ -14,6 +14,7 @@
 //! refused instead of written into; xattrs other than `user.e2b.*` on a replaced file are not
 //! carried over (the mode and the owner-by-request-user are).
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::fd::AsFd;
@@ -259,10 +260,16 @@ pub fn is_upload_temp(name: &std::ffi::OsStr) -> bool {
 fn create_temp(target: &Path) -> Result<(PathBuf, File), FsError> {
     let dir = target.parent().unwrap_or(Path::new("/"));
     let name = target.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
-    let kept = String::from_utf8_lossy(&name[..name.len().min(TEMP_NAME_KEEP)]).into_owned();
+    // Bytes, not text: a name that is not UTF-8 keeps its length (lossy decoding would turn
+    // each stray byte into three and push the temporary's name past NAME_MAX).
+    let kept = &name[..name.len().min(TEMP_NAME_KEEP)];
     let mut last = None;
     for _ in 0..TEMP_NAME_ATTEMPTS {
-        let temp = dir.join(format!(".{kept}{TEMP_MARKER}{:016x}", fastrand::u64(..)));
+        let mut temp_name = Vec::with_capacity(1 + kept.len() + TEMP_MARKER.len() + 16);
+        temp_name.push(b'.');
+        temp_name.extend_from_slice(kept);
+        temp_name.extend_from_slice(format!("{TEMP_MARKER}{:016x}", fastrand::u64(..)).as_bytes());
+        let temp = dir.join(OsStr::from_bytes(&temp_name));
         match OpenOptions::new().write(true).create_new(true).mode(0o666).open(&temp) {
             Ok(file) => return Ok((temp, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
