@@ -47,9 +47,10 @@ mod reader;
 mod tree;
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -203,11 +204,23 @@ struct Shared {
     /// Polling watchers by id. Lock order: never held together with `tree`.
     pollers: Mutex<HashMap<String, Poller>>,
     config: WatchConfig,
+    /// The reader thread's kernel thread id, once it runs (for tests: its wake-ups can be
+    /// counted in `/proc`).
+    reader_tid: AtomicI32,
 }
 
 /// Held by every handle; dropping the last one closes the socket the reader thread polls.
 struct Alive {
-    _stop: UnixStream,
+    stop: UnixStream,
+}
+
+impl Alive {
+    /// Wakes the reader thread to look again at whether it has polling watchers to sweep (it
+    /// sleeps without a timeout while it has none). A byte, not EOF: the thread reads it and
+    /// goes on. Best effort: if the socket is full, the thread is awake already.
+    fn nudge(&self) {
+        let _ = (&self.stop).write(&[0]);
+    }
 }
 
 impl Shared {
@@ -235,9 +248,12 @@ impl WatchManager {
             tree: Mutex::new(Tree::new(config.max_watches)),
             pollers: Mutex::new(HashMap::new()),
             config,
+            reader_tid: AtomicI32::new(0),
         });
+        stop_reader.set_nonblocking(true).map_err(init)?;
         reader::spawn(shared.clone(), stop_reader).map_err(init)?;
-        Ok(WatchManager { shared, alive: Arc::new(Alive { _stop: stop }) })
+        stop.set_nonblocking(true).map_err(init)?;
+        Ok(WatchManager { shared, alive: Arc::new(Alive { stop }) })
     }
 
     /// WatchDir: validates `dir` (exists, is a directory after following symlinks, not a network
@@ -421,6 +437,45 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         assert!(matches!(validate(&file, false), Err(WatchError::NotADirectory { .. })));
         assert!(matches!(validate(&dir.path().join("nope"), true), Err(WatchError::NotFound { .. })));
+    }
+
+    /// How often the reader thread has slept and woken so far.
+    fn reader_wakeups(m: &WatchManager) -> u64 {
+        let tid = loop {
+            match m.shared.reader_tid.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => std::thread::sleep(Duration::from_millis(1)),
+                tid => break tid,
+            }
+        };
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let field = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).unwrap();
+        field.trim().parse().unwrap()
+    }
+
+    #[test]
+    fn the_reader_sleeps_while_idle_and_sweeps_only_while_polling_watchers_exist() {
+        // A 40 ms idle timeout: the sweep would run every 10 ms.
+        let m = WatchManager::with_config(WatchConfig {
+            poll_idle_timeout: Duration::from_millis(40),
+            ..WatchConfig::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let before = reader_wakeups(&m);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(reader_wakeups(&m) <= before + 1, "the reader woke while nothing happened");
+
+        let id = m.create_watcher(dir.path(), WatchOptions::default()).unwrap();
+        let with_watcher = reader_wakeups(&m);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(reader_wakeups(&m) >= with_watcher + 3, "no sweeps while a polling watcher exists");
+        // Idle for longer than its timeout, the watcher was swept by the reader itself.
+        assert!(m.shared.pollers().is_empty());
+        assert!(matches!(m.take_events(&id), Err(WatchError::WatcherNotFound { .. })));
+        std::thread::sleep(Duration::from_millis(50));
+        let swept = reader_wakeups(&m);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(reader_wakeups(&m) <= swept + 1, "the timer outlived the last polling watcher");
     }
 
     #[test]

@@ -58,6 +58,8 @@ impl WatchManager {
             last_take: Instant::now(),
         };
         pollers.insert(id.clone(), poller);
+        drop(pollers);
+        self.alive.nudge();
         tracing::debug!(id, "polling watcher created");
         Ok(id)
     }

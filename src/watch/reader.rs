@@ -1,6 +1,7 @@
 //! The one reader of the shared inotify fd: an OS thread that reads events, hands them to the
 //! tree (which fans them out into per-watcher mailboxes without ever waiting), and drops idle
-//! polling watchers.
+//! polling watchers — with a timer only while there are any: otherwise it sleeps until an
+//! event arrives or the last handle is gone.
 //!
 //! A plain thread rather than a tokio task: handling an event may read directories (a new
 //! directory in a recursive tree is walked) and add watches, all blocking syscalls, and the
@@ -8,6 +9,7 @@
 //! the last `WatchStream` are gone: they share the write end of a socket pair whose read end the
 //! thread polls next to the inotify fd.
 
+use std::io::Read as _;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -39,10 +41,17 @@ pub(super) fn spawn(shared: Arc<Shared>, stop: UnixStream) -> std::io::Result<()
 }
 
 fn run(shared: &Shared, stop: &UnixStream) {
+    shared.reader_tid.store(nix::unistd::gettid().as_raw(), std::sync::atomic::Ordering::Relaxed);
     let sweep_every = shared.config.sweep_interval();
-    let timeout = PollTimeout::try_from(sweep_every).unwrap_or(PollTimeout::MAX);
     let mut last_sweep = Instant::now();
     loop {
+        // The sweep timer runs only while there are polling watchers to sweep (creating one
+        // wakes this thread); otherwise it sleeps until an event or the end.
+        let timeout = if shared.pollers().is_empty() {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::try_from(sweep_every).unwrap_or(PollTimeout::MAX)
+        };
         let mut fds =
             [PollFd::new(shared.inotify.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
@@ -52,7 +61,7 @@ fn run(shared: &Shared, stop: &UnixStream) {
                 std::thread::sleep(READ_ERROR_BACKOFF);
             }
         }
-        if fds[1].any().unwrap_or(false) {
+        if fds[1].any().unwrap_or(false) && !take_nudges(stop) {
             tracing::debug!("last watch handle dropped; reader exits");
             return;
         }
@@ -62,6 +71,20 @@ fn run(shared: &Shared, stop: &UnixStream) {
         if last_sweep.elapsed() >= sweep_every {
             shared.expire_idle(Instant::now());
             last_sweep = Instant::now();
+        }
+    }
+}
+
+/// Reads the nudges waiting on the stop socket; false once it reached EOF (every handle gone).
+fn take_nudges(stop: &UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    loop {
+        match (&*stop).read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // WouldBlock: every nudge taken. Any other error: keep serving, as before.
+            Err(_) => return true,
         }
     }
 }
