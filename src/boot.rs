@@ -32,8 +32,6 @@ pub const READY_TAG: &str = "ready_cmd";
 pub const READY_INTERVAL: Duration = Duration::from_secs(1);
 /// Give up on the ready command after this long (envd's template builder waits 10 min).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default wait for the first `/init` with `--start-after-init` and no explicit timeout.
-pub const DEFAULT_INIT_WAIT: Duration = Duration::from_secs(60);
 /// Marker recording that this boot's start command was started (see the module docs).
 pub const RAN_MARKER: &str = "/run/guestd/start_cmd.started";
 /// Default path of the start-command config file.

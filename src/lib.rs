@@ -20,7 +20,8 @@
 //! | [`session`] | sandbox-wide defaults: default user, workdir, env vars |
 //! | [`users`], [`paths`] | passwd/group lookups; E2B's path resolution rules |
 //! | [`client`] | the host side: dial a guest (TCP, vsock, hybrid vsock), typed calls; used by `guestctl` |
-//! | [`sys`] | the only module with `unsafe`: what runs between fork and exec |
+//! | [`body`] | reading a whole request body into one buffer, bounded |
+//! | [`sys`] | the only module with `unsafe`: raw syscalls — the spawn (what runs between clone and exec), the allocator, vsock streams, PTYs, mounts, limits, the clock |
 //! | [`proto`] | generated protobuf/tonic code (adapters only) |
 
 pub mod body;
@@ -41,6 +42,10 @@ pub mod session;
 pub mod sys;
 pub mod users;
 pub mod watch;
+
+/// Shutdown's one grace period: connections draining, guestd's processes between SIGTERM and
+/// SIGKILL and, as PID 1, every other process — all at once, so a stop timeout covers one grace.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The domain state every request works on.
 pub struct Agent {

@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 use nix::mount::MsFlags;
 use nix::sys::signal::Signal;
 
+use crate::SHUTDOWN_GRACE;
 use crate::process::reaper;
 use crate::sys::init as sys;
-
-/// How long processes get between SIGTERM and SIGKILL when PID 1 shuts down.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// API filesystems a bare root needs, mounted only where nothing is mounted yet.
 const MOUNTS: &[(&str, &str, &str)] = &[

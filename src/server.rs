@@ -10,9 +10,9 @@
 //!
 //! Startup is phased: [`Server::bind`] binds every address first (so a bad address fails before
 //! anything is served), then [`Server::serve`] runs the accept loops until `shutdown` resolves.
-//! Shutdown: stop accepting, ask every connection to finish gracefully (idle keep-alive
-//! connections close at once, in-flight requests may finish) for at most `SHUTDOWN_GRACE`, then
-//! terminate the process groups guestd started.
+//! Shutdown: stop accepting; then, at once and for at most [`crate::SHUTDOWN_GRACE`], every
+//! connection finishes gracefully (idle keep-alive connections close at once, in-flight requests
+//! may finish) while the process groups guestd started are terminated (SIGTERM, then SIGKILL).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -41,10 +41,7 @@ use crate::host::MetricsSource;
 use crate::process::cgroup::{CgroupSource, Cgroups};
 use crate::process::{ManagerConfig, ProcessManager};
 use crate::session::{Session, SystemClock};
-use crate::{Agent, http, rpc};
-
-/// How long connections and then processes get to finish once shutdown starts.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+use crate::{Agent, SHUTDOWN_GRACE, http, rpc};
 
 /// How long a finished process stays reachable by `Connect` (envd keeps 30 s).
 const PROCESS_RETENTION: Duration = Duration::from_secs(60);

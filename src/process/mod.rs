@@ -2,13 +2,16 @@
 //! subscribers, delivering input, signals and PTY resizes, and remembering how they ended.
 //!
 //! What this module owns, and how it is concurrent:
-//! - **wait()**: only [`reaper`] (one OS thread, SIGCHLD-driven) ever waits for children. Each
+//! - **wait()**: only [`reaper`] waits for registered children (its SIGCHLD-driven thread, or a
+//!   supervisor whose child's pidfd turned readable, through the same module and lock). Each
 //!   process gets a oneshot that resolves with its status. `tokio::process` is banned because its
-//!   own SIGCHLD waiter would race the reaper.
-//! - **Per process, three kinds of tokio tasks**, all tracked by the manager's `TaskTracker`:
-//!   one pump per output stream (pipe/PTY -> output log), one supervisor that turns "leader
-//!   reaped + output drained" into the End event, and an optional timeout that SIGKILLs the
-//!   group. RPC handlers never touch fds directly; they call the manager.
+//!   own SIGCHLD waiter would race the reaper. (A child whose exec failed was never registered;
+//!   the spawner collects it.)
+//! - **Per process, one or two tokio tasks**, tracked by the manager's `TaskTracker`: a
+//!   supervisor that drives the output pumps (pipe/PTY -> output log, one per stream) and turns
+//!   "leader reaped + output drained" into the End event, and, with a time limit, a task that
+//!   SIGKILLs the group when it expires. RPC handlers never touch fds directly; they call the
+//!   manager.
 //! - **Output fan-out** lives in `output`: a bounded log per process with one cursor per
 //!   subscriber (see its docs for the eviction policy).
 //! - **Cgroups, process groups**: every child starts in a cgroup of its own where the machine
@@ -58,12 +61,9 @@ use crate::sys::fd::AsyncRawFd;
 use crate::sys::wait::WaitStatus;
 use crate::users::User;
 
-/// The conventional PATH, for a guestd started without one.
-pub const DEFAULT_PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// At most this many finished processes are remembered (oldest forgotten first). At envd's 30 s
-/// retention this is ~136 process exits per second before anything is dropped early; each entry
-/// is a few hundred bytes.
+/// At most this many finished processes are remembered (oldest forgotten first). At guestd's
+/// 60 s retention (envd keeps 30 s) this is ~68 process exits per second before anything is
+/// dropped early; each entry is a few hundred bytes.
 const MAX_RETAINED: usize = 4096;
 
 /// Spawns that may wait for their exec at once. Each holds a blocking-pool thread (tokio allows
@@ -259,6 +259,10 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// guestd is stopping: nothing new starts (a process whose spawn raced the shutdown is
+    /// killed).
+    #[error("cannot start '{cmd}': guestd is shutting down")]
+    ShuttingDown { cmd: String },
     /// [`MAX_SPAWNS_IN_FLIGHT`] spawns are still waiting for their exec.
     #[error(
         "cannot start '{cmd}': {limit} commands are still starting (their executables or working directories may be on a hung mount)"
@@ -468,10 +472,7 @@ impl ProcessManager {
 
     fn start_blocking(&self, spec: StartSpec) -> Result<Attached, ProcessError> {
         if self.inner.closing.load(Ordering::SeqCst) {
-            return Err(ProcessError::Spawn {
-                cmd: spec.command.cmd,
-                source: std::io::Error::other("guestd is shutting down"),
-            });
+            return Err(ProcessError::ShuttingDown { cmd: spec.command.cmd });
         }
         let limits = if spec.replay { self.inner.limits.with_replay_tail() } else { self.inner.limits };
         let log = OutputLog::new(limits);
@@ -522,10 +523,7 @@ impl ProcessManager {
             if let Err(error) = proc.kill(Signal::Kill) {
                 tracing::debug!(pid, %error, "SIGKILL of a process started during shutdown failed");
             }
-            return Err(ProcessError::Spawn {
-                cmd: proc.command.cmd.clone(),
-                source: std::io::Error::other("guestd is shutting down"),
-            });
+            return Err(ProcessError::ShuttingDown { cmd: proc.command.cmd.clone() });
         }
         Ok(Attached { pid, events })
     }

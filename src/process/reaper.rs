@@ -321,7 +321,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_exec_is_a_spawn_error() {
-        // The spawner collects the failed child itself (under our lock): nothing is left to reap.
+        // std's Command collects a child whose exec failed itself: nothing is left to reap.
         let err = std_spawn(&mut Command::new("/nonexistent/guestd-test")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }

@@ -24,7 +24,7 @@ fn manager_without_cgroups() -> ProcessManager {
 
 fn manager_with(cgroups: Option<Arc<Cgroups>>) -> ProcessManager {
     ProcessManager::new(ManagerConfig {
-        path_env: DEFAULT_PATH_ENV.into(),
+        path_env: crate::config::DEFAULT_PATH.into(),
         retention: Duration::from_secs(30),
         cgroups: CgroupSource::known(cgroups),
     })
@@ -634,7 +634,7 @@ async fn environment_is_built_from_scratch_in_order() {
     let lines: HashSet<String> = out.stdout().lines().map(str::to_owned).collect();
     let me = me();
     let expected: HashSet<String> = [
-        format!("PATH={DEFAULT_PATH_ENV}"),
+        format!("PATH={}", crate::config::DEFAULT_PATH),
         format!("HOME={}", me.home.display()),
         format!("USER={}", me.name),
         format!("LOGNAME={}", me.name),
@@ -899,4 +899,14 @@ async fn output_after_a_survived_sigterm_is_complete() {
     }
     assert_eq!(end.unwrap().exit_code, 0);
     assert_eq!(n, 8_000_000, "bytes received before End");
+}
+
+#[tokio::test]
+async fn nothing_starts_once_shutdown_began() {
+    let m = manager_without_cgroups();
+    m.shutdown(Duration::from_millis(100)).await;
+    let err = m.start(spec("/bin/true", &[])).await.err().expect("refused");
+    assert!(matches!(&err, ProcessError::ShuttingDown { cmd } if cmd == "/bin/true"), "{err:?}");
+    assert_eq!(err.to_string(), "cannot start '/bin/true': guestd is shutting down");
+    assert!(m.list().is_empty());
 }

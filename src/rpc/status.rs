@@ -20,6 +20,7 @@ impl From<ProcessError> for Status {
             | ProcessError::Pty(_) => Code::InvalidArgument,
             ProcessError::PermissionDenied { .. } => Code::PermissionDenied,
             ProcessError::TooManyStarting { .. } => Code::ResourceExhausted,
+            ProcessError::ShuttingDown { .. } => Code::Unavailable,
             ProcessError::NotPty { .. } | ProcessError::IsPty { .. } | ProcessError::StdinClosed { .. } => {
                 Code::FailedPrecondition
             }
@@ -62,7 +63,7 @@ impl From<WatchError> for Status {
             WatchError::WatchLimit { .. } | WatchError::TooManyWatchers { .. } => Code::ResourceExhausted,
             WatchError::QueueOverflow { .. } | WatchError::SubscriberOverflow { .. } => Code::DataLoss,
             WatchError::Moved { .. } => Code::FailedPrecondition,
-            _ => Code::Internal,
+            WatchError::Init { .. } | WatchError::Io { .. } => Code::Internal,
         };
         Status::new(code, crate::error_chain(&err))
     }

@@ -8,7 +8,8 @@ use nix::errno::Errno;
 
 /// Why a watch could not be created, or why it ended.
 ///
-/// Terminal errors (the last five before [`WatchError::WatcherNotFound`]) end a stream after the
+/// Terminal errors ([`WatchError::WatchLimit`] met in a growing tree, [`WatchError::Moved`],
+/// [`WatchError::QueueOverflow`], [`WatchError::SubscriberOverflow`]) end a stream after the
 /// events queued before them, and are returned by every later `take_events` of a polling watcher.
 /// That is why the enum is `Clone` (its OS errors are shared through `Arc`).
 #[derive(Debug, Clone, thiserror::Error)]
