@@ -11,7 +11,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use super::auth::request_user;
-use super::metadata::{keepalive_interval, keepalive_ticker};
+use super::metadata::{Step, keepalive_interval, with_keepalives};
 use crate::Agent;
 use crate::fs::{self, EntryInfo, FileKind, Owner};
 use crate::proto::filesystem::filesystem_server::Filesystem;
@@ -152,39 +152,14 @@ fn watch_options(recursive: bool, include_entry: bool, allow_network_mounts: boo
 
 /// `start{}`, then events and keepalives; the keepalive timer restarts after every event.
 fn watch_events(stream: WatchStream, keepalive: Duration) -> impl Stream<Item = Result<WatchDirResponse, Status>> {
-    enum State {
-        Start(WatchStream),
-        Running(WatchStream, tokio::time::Interval),
-        Done,
-    }
-    let message = |event| Ok(WatchDirResponse { event: Some(event) });
-    futures_util::stream::unfold(State::Start(stream), move |state| async move {
-        match state {
-            State::Start(stream) => {
-                let ticks = keepalive_ticker(keepalive);
-                Some((
-                    message(watch_dir_response::Event::Start(watch_dir_response::StartEvent {})),
-                    State::Running(stream, ticks),
-                ))
-            }
-            State::Running(mut stream, mut ticks) => {
-                tokio::select! {
-                    biased;
-                    next = stream.next() => match next {
-                        Some(Ok(event)) => {
-                            ticks.reset();
-                            Some((message(watch_dir_response::Event::Filesystem(fs_event(event))), State::Running(stream, ticks)))
-                        }
-                        Some(Err(err)) => Some((Err(Status::from(err)), State::Done)),
-                        None => None,
-                    },
-                    _ = ticks.tick() => {
-                        Some((message(watch_dir_response::Event::Keepalive(watch_dir_response::KeepAlive {})), State::Running(stream, ticks)))
-                    }
-                }
-            }
-            State::Done => None,
-        }
+    let message = |event| WatchDirResponse { event: Some(event) };
+    let start = message(watch_dir_response::Event::Start(watch_dir_response::StartEvent {}));
+    let keepalive_event =
+        || WatchDirResponse { event: Some(watch_dir_response::Event::Keepalive(watch_dir_response::KeepAlive {})) };
+    let events = futures_util::stream::unfold(stream, |mut stream| async move { Some((stream.next().await?, stream)) });
+    with_keepalives(start, events, keepalive, keepalive_event, move |next| match next {
+        Ok(event) => Step::Next(message(watch_dir_response::Event::Filesystem(fs_event(event)))),
+        Err(err) => Step::Last(Err(Status::from(err))),
     })
 }
 

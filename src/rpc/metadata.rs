@@ -1,8 +1,11 @@
 //! Request headers with protocol meaning: `grpc-timeout` (Connect's `Connect-Timeout-Ms` arrives
-//! here translated by `crate::connect`) and envd's `Keepalive-Ping-Interval`.
+//! here translated by `crate::connect`) and envd's `Keepalive-Ping-Interval`, and the keepalive
+//! stream both server streams (Start/Connect, WatchDir) are sent as.
 
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt as _};
+use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 /// Keepalive interval when the client sends none or an unusable one (envd's default).
@@ -37,6 +40,55 @@ pub(crate) fn keepalive_ticker(period: Duration) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker
+}
+
+/// What one item of a domain event stream becomes on the wire.
+pub(crate) enum Step<M> {
+    /// A message; the stream goes on (and the keepalive timer restarts).
+    Next(M),
+    /// The stream's last item: a final message or the error that ends it.
+    Last(Result<M, Status>),
+}
+
+/// A server stream as envd sends them: `start`, then each domain event as `step` maps it, with
+/// `keepalive()` whenever `period` passes without a message; the timer restarts after every
+/// [`Step::Next`]. Ends after a [`Step::Last`] or when `events` ends.
+pub(crate) fn with_keepalives<S, F, M>(
+    start: M,
+    events: S,
+    period: Duration,
+    keepalive: fn() -> M,
+    step: F,
+) -> impl Stream<Item = Result<M, Status>>
+where
+    S: Stream,
+    F: FnMut(S::Item) -> Step<M>,
+{
+    enum State<S, F, M> {
+        Start(M, S, F),
+        Running(S, tokio::time::Interval, F),
+        Done,
+    }
+    futures_util::stream::unfold(State::Start(start, Box::pin(events), step), move |state| async move {
+        match state {
+            State::Start(start, events, step) => {
+                Some((Ok(start), State::Running(events, keepalive_ticker(period), step)))
+            }
+            State::Running(mut events, mut ticks, mut step) => tokio::select! {
+                biased;
+                next = events.next() => match next.map(&mut step) {
+                    Some(Step::Next(message)) => {
+                        ticks.reset();
+                        Some((Ok(message), State::Running(events, ticks, step)))
+                    }
+                    Some(Step::Last(last)) => Some((last, State::Done)),
+                    None => None,
+                },
+                _ = ticks.tick() => Some((Ok(keepalive()), State::Running(events, ticks, step))),
+            },
+            State::Done => None,
+        }
+    })
 }
 
 #[cfg(test)]

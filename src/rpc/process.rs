@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::request_user;
-use super::metadata::{grpc_timeout, keepalive_interval, keepalive_ticker};
+use super::metadata::{Step, grpc_timeout, keepalive_interval, with_keepalives};
 use crate::Agent;
 use crate::process::{self as domain, Attached, CommandSpec, Event, ExitStatus, PtySize, Selector, StartSpec};
 use crate::proto::process::process_server::Process;
@@ -174,40 +174,16 @@ fn config_from(command: CommandSpec) -> ProcessConfig {
 /// `start{pid}`, then output and keepalives, then `end`. A keepalive goes out after `keepalive`
 /// without any event; the timer restarts after every data event (envd's rule).
 fn process_events(attached: Attached, keepalive: Duration) -> impl Stream<Item = Result<ProcessEvent, Status>> {
-    enum State {
-        Start(Attached),
-        Running(domain::Subscription, tokio::time::Interval),
-        Done,
-    }
-    futures_util::stream::unfold(State::Start(attached), move |state| async move {
-        match state {
-            State::Start(Attached { pid, events }) => {
-                let start = process_event::Event::Start(process_event::StartEvent { pid });
-                Some((Ok(ProcessEvent { event: Some(start) }), State::Running(events, keepalive_ticker(keepalive))))
-            }
-            State::Running(mut events, mut ticks) => {
-                let next = tokio::select! {
-                    biased;
-                    next = events.next() => next,
-                    _ = ticks.tick() => {
-                        let keepalive = process_event::Event::Keepalive(process_event::KeepAlive {});
-                        return Some((Ok(ProcessEvent { event: Some(keepalive) }), State::Running(events, ticks)));
-                    }
-                };
-                match next {
-                    Some(Ok(event)) => match output_or_end(event) {
-                        Ok(output) => {
-                            ticks.reset();
-                            Some((Ok(data_event(output)), State::Running(events, ticks)))
-                        }
-                        Err(status) => Some((Ok(end_event(status)), State::Done)),
-                    },
-                    Some(Err(evicted)) => Some((Err(Status::aborted(evicted.to_string())), State::Done)),
-                    None => None,
-                }
-            }
-            State::Done => None,
-        }
+    let Attached { pid, events } = attached;
+    let start = ProcessEvent { event: Some(process_event::Event::Start(process_event::StartEvent { pid })) };
+    let keepalive_event = || ProcessEvent { event: Some(process_event::Event::Keepalive(process_event::KeepAlive {})) };
+    let events = futures_util::stream::unfold(events, |mut events| async move { Some((events.next().await?, events)) });
+    with_keepalives(start, events, keepalive, keepalive_event, |next| match next {
+        Ok(event) => match output_or_end(event) {
+            Ok(output) => Step::Next(data_event(output)),
+            Err(status) => Step::Last(Ok(end_event(status))),
+        },
+        Err(evicted) => Step::Last(Err(Status::aborted(evicted.to_string()))),
     })
 }
 
