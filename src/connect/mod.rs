@@ -289,7 +289,7 @@ where
     let accept = Encoding::negotiate(parts.headers.get(header::ACCEPT_ENCODING));
     let prepared = async {
         let encoding = Encoding::from_request(parts.headers.get(header::CONTENT_ENCODING))?;
-        let timeout = request::grpc_timeout(&parts.headers)?;
+        let timeout = request::connect_timeout_as_grpc(&parts.headers)?;
         let raw = request::read_unary_body(&parts.headers, body).await?;
         let frame = request::unary_frame(&method, codec, encoding, &raw)?;
         Ok::<_, ConnectProtocolError>((timeout, frame))
@@ -316,7 +316,7 @@ where
     let (mut parts, body) = req.into_parts();
     let accept = Encoding::negotiate(parts.headers.get("connect-accept-encoding"));
     let prepared = Encoding::from_request(parts.headers.get("connect-content-encoding"))
-        .and_then(|enc| Ok((enc, request::grpc_timeout(&parts.headers)?)));
+        .and_then(|enc| Ok((enc, request::connect_timeout_as_grpc(&parts.headers)?)));
     let (encoding, timeout) = match prepared {
         Ok(ok) => ok,
         Err(e) => {

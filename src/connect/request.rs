@@ -39,7 +39,7 @@ impl ErrorSlot {
 
 /// `Connect-Timeout-Ms` as a `grpc-timeout` value. At most 10 digits (Connect rule); gRPC
 /// allows at most 8, so long timeouts are expressed in whole seconds, rounded up.
-pub(super) fn grpc_timeout(headers: &HeaderMap) -> Result<Option<HeaderValue>, ConnectProtocolError> {
+pub(super) fn connect_timeout_as_grpc(headers: &HeaderMap) -> Result<Option<HeaderValue>, ConnectProtocolError> {
     let Some(raw) = headers.get("connect-timeout-ms") else { return Ok(None) };
     let bytes = raw.as_bytes();
     let invalid = || ConnectProtocolError::InvalidTimeout(String::from_utf8_lossy(bytes).into_owned());
@@ -231,7 +231,7 @@ mod tests {
         let t = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert("connect-timeout-ms", HeaderValue::from_str(v).unwrap());
-            grpc_timeout(&h).map(|o| o.map(|v| v.to_str().unwrap().to_owned()))
+            connect_timeout_as_grpc(&h).map(|o| o.map(|v| v.to_str().unwrap().to_owned()))
         };
         assert_eq!(t("0").unwrap().as_deref(), Some("0m"));
         assert_eq!(t("60000").unwrap().as_deref(), Some("60000m"));
@@ -241,7 +241,7 @@ mod tests {
         for bad in ["", "12345678901", "-1", "1.5", "abc", " 1"] {
             assert!(matches!(t(bad), Err(ConnectProtocolError::InvalidTimeout(_))), "{bad:?}");
         }
-        assert_eq!(grpc_timeout(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(connect_timeout_as_grpc(&HeaderMap::new()).unwrap(), None);
     }
 
     #[test]
