@@ -90,6 +90,10 @@ async fn access_token_gates_every_route_but_the_exempt_ones() {
     {
         let resp = http(addr, method, path, &[("content-type", "application/json")], Bytes::from_static(b"{}")).await;
         assert_eq!(resp.status, 401, "{method} {path}");
+        // envd's jsonError, header for header (the same writer as /files errors).
+        assert_eq!(resp.headers["content-type"], "application/json; charset=utf-8");
+        assert_eq!(resp.headers["x-content-type-options"], "nosniff");
+        assert!(resp.body.ends_with(b"}\n"));
         assert_eq!(
             resp.json(),
             json!({"code": 401, "message": "unauthorized access, please provide a valid access token or method signing if supported"})

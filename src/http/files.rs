@@ -209,13 +209,6 @@ fn status(err: &FilesError) -> StatusCode {
     }
 }
 
-/// envd's error body: `{"code":<int>,"message":"<text>"}` (key order kept).
-#[derive(Serialize)]
-struct ErrorBody {
-    code: u16,
-    message: String,
-}
-
 impl IntoResponse for FilesError {
     fn into_response(self) -> Response {
         let status = status(&self);
@@ -225,16 +218,11 @@ impl IntoResponse for FilesError {
         } else {
             tracing::debug!(%status, error = %message, "files request refused");
         }
-        let mut body = serde_json::to_vec(&ErrorBody { code: status.as_u16(), message }).unwrap_or_default();
-        body.push(b'\n');
-        let mut response = (status, body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        let mut response = super::json_error(status, &message);
         if let FilesError::Range { size: Some(size), .. } = &self
             && let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}"))
         {
-            headers.insert(header::CONTENT_RANGE, value);
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
         }
         response
     }

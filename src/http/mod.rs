@@ -98,9 +98,19 @@ pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) ->
     (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json")), no_store()], bytes).into_response()
 }
 
-/// envd's API error: `{"code":<status>,"message":"..."}`.
+/// envd's API error (its `jsonError`): `{"code":<status>,"message":"..."}` (in that order) and a
+/// newline, `application/json; charset=utf-8`, `X-Content-Type-Options: nosniff`.
 pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
-    let mut response = json_response(status, &serde_json::json!({"code": status.as_u16(), "message": message}));
-    response.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    response
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        code: u16,
+        message: &'a str,
+    }
+    let mut body = serde_json::to_vec(&ErrorBody { code: status.as_u16(), message }).unwrap_or_default();
+    body.push(b'\n');
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8")),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+    ];
+    (status, headers, body).into_response()
 }
