@@ -177,7 +177,7 @@ fn check_cwd(cwd: &Path, user: &User, cmd: &str) -> Result<(), ProcessError> {
             };
             for dir in real.ancestors() {
                 if let Ok(meta) = fs::metadata(dir)
-                    && !permits(user, &meta, EXECUTE)
+                    && !may_search_or_execute(user, &meta)
                 {
                     return Err(ProcessError::PermissionDenied {
                         what: format!("access cwd '{}'", shown()),
@@ -239,19 +239,17 @@ fn executable(path: &Path, user: &User) -> Access {
         Err(_) => Access::Missing,
         // execve on a directory fails with EACCES, and execvp keeps searching.
         Ok(meta) if meta.is_dir() => Access::Denied,
-        Ok(meta) if permits(user, &meta, EXECUTE) => Access::Granted,
+        Ok(meta) if may_search_or_execute(user, &meta) => Access::Granted,
         Ok(_) => Access::Denied,
     }
 }
 
-const EXECUTE: u32 = 0o1;
-
-/// Classic Unix permission check of one `rwx` bit (`EXECUTE` = 1) for `user`. Root may search
-/// any directory but execute only files with some execute bit set.
-fn permits(user: &User, meta: &Metadata, bit: u32) -> bool {
+/// The Unix permission check of the `x` bit for `user`: search for a directory, execute for a
+/// file. Root may search any directory but execute only files with some execute bit set.
+fn may_search_or_execute(user: &User, meta: &Metadata) -> bool {
     let mode = meta.mode();
     if user.uid == 0 {
-        return bit != EXECUTE || meta.is_dir() || mode & 0o111 != 0;
+        return meta.is_dir() || mode & 0o111 != 0;
     }
     let shift = if meta.uid() == user.uid {
         6
@@ -260,7 +258,7 @@ fn permits(user: &User, meta: &Metadata, bit: u32) -> bool {
     } else {
         0
     };
-    (mode >> shift) & bit != 0
+    (mode >> shift) & 0o1 != 0
 }
 
 #[cfg(test)]
