@@ -122,3 +122,90 @@ async fn pid1_reaps_orphans_while_an_exec_hangs() {
     assert!(!zombie, "an orphan stayed a zombie while an exec hung:\n{states}");
     assert!(status.success(), "guestd as PID 1 exited with {status}");
 }
+
+/// A leader that exits while a daemon it started (own session) keeps its output open is reaped,
+/// and the kernel may give its pid to the next command. Both stay listed, each is found by its
+/// tag, and a signal meant for the first never reaches the second (found by an adversarial
+/// review: the second replaced the first, which vanished from List, tag lookup and shutdown).
+/// `ns_last_pid` of the test's own PID namespace steers the reuse.
+#[tokio::test]
+async fn a_reused_pid_leaves_both_processes_reachable() {
+    use guestd::proto::process::process_client::ProcessClient;
+    use guestd::proto::process::{ListRequest, SendSignalRequest, Signal as WireSignal};
+
+    if !is_root() {
+        println!("SKIPPED pid1 test: needs root to create a PID namespace");
+        return;
+    }
+    let (addr, unshare) = start_as_pid1(2).await;
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(guestd) = guestd_pid(self.0) {
+                let _ = nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    }
+    let _stop = Stop(unshare.id());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = ProcessClient::new(channel.clone());
+    let started = |req| {
+        let mut client = ProcessClient::new(channel.clone());
+        async move {
+            let mut stream = client.start(req).await.unwrap().into_inner();
+            let first = stream.message().await.unwrap().unwrap().event.unwrap().event.unwrap();
+            let guestd::proto::process::process_event::Event::Start(start) = first else { panic!("{first:?}") };
+            (start.pid, stream)
+        }
+    };
+
+    let mut a_req = sh("setsid sleep 1000 & echo daemon started; exit 0");
+    a_req.tag = Some("a".into());
+    let (a_pid, mut a_stream) = started(a_req).await;
+    // The leader exits at once; the daemon keeps the stream open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = None;
+    for _ in 0..5 {
+        run_script(addr, &format!("echo {} > /proc/sys/kernel/ns_last_pid", a_pid - 1)).await;
+        let mut b_req = sh("sleep 1000");
+        b_req.tag = Some("b".into());
+        let (b_pid, b_stream) = started(b_req).await;
+        if b_pid == a_pid {
+            b = Some(b_stream);
+            break;
+        }
+        let kill = SendSignalRequest { process: pid(b_pid), signal: WireSignal::Sigkill as i32 };
+        client.send_signal(kill).await.unwrap();
+    }
+    let Some(mut b_stream) = b else {
+        println!("SKIPPED: the pid was not reused (other tasks took it five times)");
+        return;
+    };
+
+    let listed: Vec<(u32, String)> = client
+        .list(ListRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .processes
+        .into_iter()
+        .filter_map(|p| Some((p.pid, p.tag?)))
+        .collect();
+    assert!(listed.contains(&(a_pid, "a".into())) && listed.contains(&(a_pid, "b".into())), "{listed:?}");
+
+    // SIGKILL to "a" reaches its daemon (through its cgroup) or, without cgroups, nothing: never
+    // "b", whose group now has that pid.
+    let kill_a = SendSignalRequest { process: tag("a"), signal: WireSignal::Sigkill as i32 };
+    client.send_signal(kill_a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_alive =
+        client.list(ListRequest {}).await.unwrap().into_inner().processes.iter().any(|p| p.tag.as_deref() == Some("b"));
+    assert!(b_alive, "the signal for 'a' killed 'b'");
+
+    let kill_b = SendSignalRequest { process: tag("b"), signal: WireSignal::Sigkill as i32 };
+    client.send_signal(kill_b).await.unwrap();
+    while b_stream.message().await.unwrap().is_some() {}
+    // With cgroups "a" ended with its daemon; without, it ends when guestd stops it (below).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async { while let Ok(Some(_)) = a_stream.message().await {} })
+        .await;
+}

@@ -18,8 +18,10 @@
 //!   allows it ([`cgroup`]), and signals, the timeout and shutdown go to everything in it.
 //!   Every child is also its own session and group (pgid == pid): without a cgroup, signals go
 //!   to the group with `kill(-pgid)`.
-//! - **Tables**: live processes (pid -> process) and recently finished ones (pid, tag, status)
-//!   sit behind one std mutex that is never held across an await. A finished process leaves the
+//! - **Tables**: live processes (pid -> process), displaced ones (their leader was reaped and the
+//!   kernel gave its pid to a newer command while a daemon they started keeps their output
+//!   open) and recently finished ones (pid, tag, status) sit behind one std mutex that is never
+//!   held across an await. A finished process leaves the
 //!   live table before its End event is published, so a caller that saw End never finds it in
 //!   [`ProcessManager::list`].
 //!
@@ -322,6 +324,10 @@ struct Inner {
 #[derive(Default)]
 struct Table {
     live: HashMap<u32, Arc<Proc>>,
+    /// Running processes whose pid a newer process has taken: their leader was reaped while a
+    /// descendant that left the group (a daemon) keeps their output open, and the kernel reused
+    /// the pid. Still listed, found by tag and stopped at shutdown; by pid, the newer one wins.
+    displaced: Vec<Arc<Proc>>,
     /// In finish order; all share one retention, so expiry order is the same.
     finished: VecDeque<Finished>,
 }
@@ -350,6 +356,8 @@ struct Proc {
     ended: CancellationToken,
     /// The command's own cgroup: signals go to every process in it. None: to the process group.
     cgroup: Option<Cgroup>,
+    /// The leader's registration with the reaper (its pid is the process group's id).
+    leader: reaper::Leader,
 }
 
 enum ProcInput {
@@ -373,7 +381,7 @@ impl Proc {
         self.signals.send_modify(|n| *n += 1);
         match &self.cgroup {
             Some(cgroup) => cgroup.signal(signal.to_nix()),
-            None => reaper::signal_group(self.pid, signal.to_nix()),
+            None => reaper::signal_group(self.leader, signal.to_nix()),
         }
     }
 }
@@ -383,9 +391,14 @@ impl Table {
         match sel {
             Selector::Pid(pid) => self.live.get(pid),
             Selector::Tag(tag) => {
-                self.live.values().filter(|p| p.tag.as_deref() == Some(tag.as_str())).max_by_key(|p| p.seq)
+                self.running().filter(|p| p.tag.as_deref() == Some(tag.as_str())).max_by_key(|p| p.seq)
             }
         }
+    }
+
+    /// Every process that has not ended: the live table and the displaced ones.
+    fn running(&self) -> impl Iterator<Item = &Arc<Proc>> {
+        self.live.values().chain(&self.displaced)
     }
 
     fn prune(&mut self, now: Instant) {
@@ -420,6 +433,7 @@ impl Inner {
         if table.live.get(&proc.pid).is_some_and(|p| Arc::ptr_eq(p, proc)) {
             table.live.remove(&proc.pid);
         }
+        table.displaced.retain(|p| !Arc::ptr_eq(p, proc));
         table.prune(now);
         if table.finished.len() >= MAX_RETAINED {
             table.finished.pop_front();
@@ -501,10 +515,14 @@ impl ProcessManager {
             signals: tokio::sync::watch::Sender::new(0),
             ended: CancellationToken::new(),
             cgroup: launched.cgroup,
+            leader: launched.exit.leader(),
         });
         let closing = {
             let mut table = self.inner.table();
-            table.live.insert(pid, Arc::clone(&proc));
+            if let Some(earlier) = table.live.insert(pid, Arc::clone(&proc)) {
+                tracing::debug!(pid, earlier_seq = earlier.seq, "pid reused while an earlier process's output is open");
+                table.displaced.push(earlier);
+            }
             // Read under the lock `shutdown` lists the processes under: if it is set now, that
             // list may have been taken before this insert, and nobody else would end this one.
             self.inner.closing.load(Ordering::SeqCst)
@@ -543,10 +561,11 @@ impl ProcessManager {
         Err(ProcessError::NotFound(sel.clone()))
     }
 
-    /// Live processes only, oldest first.
+    /// Processes that have not ended, oldest first (a displaced one shares its pid with a newer
+    /// process).
     pub fn list(&self) -> Vec<ProcessSummary> {
         let table = self.inner.table();
-        let mut procs: Vec<&Arc<Proc>> = table.live.values().collect();
+        let mut procs: Vec<&Arc<Proc>> = table.running().collect();
         procs.sort_by_key(|p| p.seq);
         procs
             .into_iter()
@@ -617,7 +636,7 @@ impl ProcessManager {
     /// Starts are refused from now on.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.closing.store(true, Ordering::SeqCst);
-        let procs: Vec<Arc<Proc>> = self.inner.table().live.values().cloned().collect();
+        let procs: Vec<Arc<Proc>> = self.inner.table().running().cloned().collect();
         tracing::info!(count = procs.len(), "stopping processes");
         for proc in &procs {
             if let Err(error) = proc.kill(Signal::Term) {

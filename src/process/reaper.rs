@@ -21,7 +21,8 @@
 //! its exec, which `sys::spawn` collects itself); each spawn, when done, reaps the orphans its
 //! child may have held up. Orphans are never held up by a spawn whose exec hangs: its child has
 //! not ended. A registered pid is unreaped, so it is never reused while registered, and
-//! [`signal_group`] (under the lock) cannot hit a stranger's group.
+//! [`signal_group`] (under the lock) cannot hit a stranger's group; once a leader is reaped,
+//! its registration number ([`Leader`]) tells its group from a later child's that got its pid.
 //!
 //! In PID-1 mode ([`set_adopt_orphans`]) the reaper also reaps children it does not know, so
 //! orphaned grandchildren re-parented to guestd do not pile up as zombies; unknown pids are
@@ -52,16 +53,30 @@ pub enum Outcome {
     Lost,
 }
 
+/// One registration of a child: its pid and a number no other registration gets, so a pid the
+/// kernel reused for a later child is never taken for this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leader {
+    pub pid: u32,
+    generation: u64,
+}
+
 /// A registered child's exit, to be awaited once.
 #[derive(Debug)]
 pub struct Exit {
     pid: i32,
+    leader: Leader,
     reaped: oneshot::Receiver<Outcome>,
     /// None where the kernel has no pidfds (< 5.3): the reaper thread alone then reports.
     pidfd: Option<OwnedFd>,
 }
 
 impl Exit {
+    /// The registration this exit belongs to.
+    pub fn leader(&self) -> Leader {
+        self.leader
+    }
+
     /// Resolves once the child has been reaped, by this task (pidfd) or by the reaper thread.
     /// Must run inside a tokio runtime with I/O enabled (the pidfd joins its reactor).
     pub async fn wait(mut self) -> Outcome {
@@ -88,8 +103,11 @@ const FALLBACK_POLL: Duration = Duration::from_millis(50);
 /// The registered children and the spawns in flight.
 #[derive(Default)]
 struct Table {
-    /// Registered (hence unreaped) children and where their outcome goes.
-    children: HashMap<i32, oneshot::Sender<Outcome>>,
+    /// Registered (hence unreaped) children: their registration number and where their outcome
+    /// goes.
+    children: HashMap<i32, (u64, oneshot::Sender<Outcome>)>,
+    /// The number of the next registration.
+    next_generation: u64,
     /// Spawns in flight, each with the slot the kernel writes its child's pid into at clone
     /// time (0 until then): until the spawn is done, that child is its spawner's to reap.
     spawning: Vec<Arc<AtomicI32>>,
@@ -164,8 +182,8 @@ pub fn spawn(start: impl FnOnce(&AtomicI32) -> io::Result<u32>) -> io::Result<(u
         .inspect_err(|error| tracing::debug!(pid, %error, "no pidfd; the reaper thread reports this exit"))
         .ok();
     let (tx, reaped) = oneshot::channel();
-    in_flight.register(raw, tx);
-    Ok((pid, Exit { pid: raw, reaped, pidfd }))
+    let generation = in_flight.register(raw, tx);
+    Ok((pid, Exit { pid: raw, leader: Leader { pid, generation }, reaped, pidfd }))
 }
 
 /// One spawn in flight ([`Table::spawning`]); ends by registering its child, or on drop (the
@@ -184,14 +202,17 @@ impl InFlight {
         InFlight { child, done: false }
     }
 
-    fn register(mut self, pid: i32, tx: oneshot::Sender<Outcome>) {
+    fn register(mut self, pid: i32, tx: oneshot::Sender<Outcome>) -> u64 {
         let mut table = table();
-        table.children.insert(pid, tx);
+        let generation = table.next_generation;
+        table.next_generation += 1;
+        table.children.insert(pid, (generation, tx));
         // Its SIGCHLD may have been handled before it was registered.
         if let Some(outcome) = try_collect(pid) {
             report(&mut table, pid, outcome);
         }
         self.finish(&mut table);
+        generation
     }
 
     fn finish(&mut self, table: &mut Table) {
@@ -228,7 +249,7 @@ fn collect_one(pid: i32) {
 /// Unregisters `pid` and hands its outcome to its [`Exit`]. The receiver is gone only if its
 /// runtime shut down; the child is reaped anyway.
 fn report(table: &mut Table, pid: i32, outcome: Outcome) {
-    if let Some(tx) = table.children.remove(&pid) {
+    if let Some((_, tx)) = table.children.remove(&pid) {
         let _ = tx.send(outcome);
     }
 }
@@ -249,15 +270,24 @@ fn try_collect(pid: i32) -> Option<Outcome> {
     }
 }
 
-/// Sends `signal` to the process group `pgid` (`kill(-pgid)`).
+/// Sends `signal` to the process group `leader` leads (`kill(-pgid)`; its pgid is its pid).
 ///
-/// Holding the table lock guarantees that, if the group leader is still registered, it is
-/// unreaped, so `pgid` still names our group and not a recycled pid. Once the leader has been
-/// reaped the group may be empty (ESRCH): the process then only waits for a descendant that left
-/// the group to close its output, and there is nothing left to signal, which is success.
-pub fn signal_group(pgid: u32, signal: NixSignal) -> io::Result<()> {
-    let pgid = i32::try_from(pgid).map_err(io::Error::other)?;
+/// Under the table lock: while `leader` is registered it is unreaped, so its pid still names
+/// this group. Once it has been reaped, its pid is reused only after every member of the group
+/// has gone too (the kernel keeps a pid while it names a group): if a later child of guestd now
+/// has it (registered, or a spawn in flight), nothing of this command is in that group and
+/// nothing is sent. Otherwise the group may be empty (ESRCH, success: the command only waits for
+/// a descendant that left the group to close its output) or still hold members.
+pub fn signal_group(leader: Leader, signal: NixSignal) -> io::Result<()> {
+    let pgid = i32::try_from(leader.pid).map_err(io::Error::other)?;
     let table = table();
+    let ours = match table.children.get(&pgid) {
+        Some((generation, _)) => *generation == leader.generation,
+        None => !table.spawning(pgid),
+    };
+    if !ours {
+        return Ok(());
+    }
     match killpg(Pid::from_raw(pgid), signal) {
         Err(nix::errno::Errno::ESRCH) if !table.children.contains_key(&pgid) => Ok(()),
         result => Ok(result?),
