@@ -48,6 +48,17 @@ fn guestd_pid(unshare: u32) -> Option<nix::unistd::Pid> {
     children.split_whitespace().next()?.parse().ok().map(nix::unistd::Pid::from_raw)
 }
 
+/// SIGTERMs guestd (the child of the `unshare` process with this pid) however a test ends.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(guestd) = guestd_pid(self.0) {
+            let _ = nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
 #[tokio::test]
 async fn pid1_reaps_orphans_and_exits_cleanly_on_sigterm() {
     if !is_root() {
@@ -91,16 +102,7 @@ async fn pid1_reaps_orphans_while_an_exec_hangs() {
     };
     let (addr, mut unshare) = start_as_pid1(1).await;
 
-    // Ends guestd (unshare's child) however the test ends.
-    struct Stop(u32);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Some(guestd) = guestd_pid(self.0) {
-                let _ = nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM);
-            }
-        }
-    }
-    let stop = Stop(unshare.id());
+    let stop = StopOnDrop(unshare.id());
 
     let req = json!({"process": {"cmd": held.path.to_str().unwrap()}, "stdin": false});
     let hung = tokio::spawn(async move { connect_stream(addr, "/process.Process/Start", &[], &[req]).await });
@@ -138,15 +140,7 @@ async fn a_reused_pid_leaves_both_processes_reachable() {
         return;
     }
     let (addr, unshare) = start_as_pid1(2).await;
-    struct Stop(u32);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Some(guestd) = guestd_pid(self.0) {
-                let _ = nix::sys::signal::kill(guestd, nix::sys::signal::Signal::SIGTERM);
-            }
-        }
-    }
-    let _stop = Stop(unshare.id());
+    let _stop = StopOnDrop(unshare.id());
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut client = ProcessClient::new(channel.clone());
     let started = |req| {
