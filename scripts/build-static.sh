@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-musl
 rustup target add "$target" >/dev/null
-cargo build --locked --release --target "$target" --bin guestd
+# Always ./target, whatever CARGO_TARGET_DIR says: the micro-VM, container and bench scripts take
+# the binary from there.
+cargo build --locked --release --target "$target" --target-dir target --bin guestd
 bin="target/$target/release/guestd"
 kind=$(file -b "$bin")
 case "$kind" in
