@@ -351,6 +351,9 @@ impl Tree {
         }
     }
 
+    /// An event about the entry `name` of the watched directory `event.wd`: hide upload
+    /// temporaries, deliver it to the subscribers that have not seen it yet, then keep the tree
+    /// of watched directories in step when the entry is a directory.
     fn handle_named(
         &mut self,
         ino: &Inotify,
@@ -359,9 +362,20 @@ impl Tree {
         rest: &[InotifyEvent],
         moves: &mut HashMap<u32, Wd>,
     ) {
-        let (wd, mask) = (event.wd, event.mask);
-        // An upload's temporary file is an implementation detail: hide it, and report its
-        // landing (rename over the target) as what writing the file in place would show.
+        if self.upload_event(event, name) {
+            return;
+        }
+        let audience = self.deliver_named(event, name);
+        if event.mask.contains(AddWatchFlags::IN_ISDIR) {
+            self.track_dir(ino, event, name, rest, moves, &audience);
+        }
+    }
+
+    /// An upload's temporary file is an implementation detail: its events are hidden, and its
+    /// landing (renamed over the target) is reported as writing the file in place would be.
+    /// Whether `event` was one of those.
+    fn upload_event(&mut self, event: &InotifyEvent, name: &OsStr) -> bool {
+        let mask = event.mask;
         if !mask.contains(AddWatchFlags::IN_ISDIR) && crate::fs::is_upload_temp(name) {
             if mask.contains(AddWatchFlags::IN_MOVED_FROM) {
                 if self.upload_cookies.len() >= MAX_UPLOAD_COOKIES {
@@ -369,22 +383,28 @@ impl Tree {
                 }
                 self.upload_cookies.push(event.cookie);
             }
-            return;
+            return true;
         }
         if mask.contains(AddWatchFlags::IN_MOVED_TO)
             && let Some(i) = self.upload_cookies.iter().position(|c| *c == event.cookie)
         {
             self.upload_cookies.swap_remove(i);
-            for (sub, rel) in self.audience(wd) {
+            for (sub, rel) in self.audience(event.wd) {
                 for kind in [EventKind::Create, EventKind::Chmod, EventKind::Write] {
                     self.deliver(sub, rel.join(name), kind);
                 }
             }
-            return;
+            return true;
         }
-        let created = mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+        false
+    }
+
+    /// Delivers the event to every subscriber of its directory, except those a walk already
+    /// told of this entry's creation (the `synthesized` map); returns who got it.
+    fn deliver_named(&mut self, event: &InotifyEvent, name: &OsStr) -> Vec<(SubId, PathBuf)> {
+        let (wd, mask) = (event.wd, event.mask);
         let key = (wd, name.to_os_string());
-        let already = if created {
+        let already = if mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
             self.synthesized.remove(&key).map(|s| s.subs).unwrap_or_default()
         } else {
             if mask.intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM) {
@@ -400,10 +420,22 @@ impl Tree {
                 self.deliver(*sub, rel.clone(), kind);
             }
         }
+        audience
+    }
 
-        if !mask.contains(AddWatchFlags::IN_ISDIR) {
-            return;
-        }
+    /// Keeps the watched tree in step with a directory entry that was deleted, moved or created:
+    /// unwatch what left, re-link what moved within the tree, and watch (and walk, for the
+    /// recursive subscribers in `audience`) what arrived.
+    fn track_dir(
+        &mut self,
+        ino: &Inotify,
+        event: &InotifyEvent,
+        name: &OsStr,
+        rest: &[InotifyEvent],
+        moves: &mut HashMap<u32, Wd>,
+        audience: &[(SubId, PathBuf)],
+    ) {
+        let (wd, mask) = (event.wd, event.mask);
         if mask.contains(AddWatchFlags::IN_DELETE)
             && let Some(child) = self.child(wd, name)
         {
@@ -422,35 +454,36 @@ impl Tree {
                 self.prune(ino, child);
             }
         }
-        if created {
-            let moved = match mask.contains(AddWatchFlags::IN_MOVED_TO) {
-                true => moves.remove(&event.cookie),
-                false => None,
-            };
-            if let Some(dir) = moved {
-                if dir != wd && !self.is_ancestor(dir, wd) {
-                    self.relink(dir, wd, name);
-                } else {
-                    self.unlink(dir);
-                }
+        if !mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO) {
+            return;
+        }
+        let moved = match mask.contains(AddWatchFlags::IN_MOVED_TO) {
+            true => moves.remove(&event.cookie),
+            false => None,
+        };
+        if let Some(dir) = moved {
+            if dir != wd && !self.is_ancestor(dir, wd) {
+                self.relink(dir, wd, name);
+            } else {
+                self.unlink(dir);
             }
-            let targets: Vec<SubId> = audience
-                .iter()
-                .map(|(sub, _)| *sub)
-                .filter(|sub| self.subs.get(sub).is_some_and(|s| s.recursive))
-                .collect();
-            if !targets.is_empty() {
-                let mut missed = Unwatchable::default();
-                match self.add_child(ino, wd, name, &mut missed) {
-                    Ok(Some(dir)) => self.walk_new(ino, dir, &targets, &mut missed),
-                    Ok(None) => {}
-                    Err(err) => self.fail_all(ino, &targets, err),
-                }
-                missed.report();
+        }
+        let targets: Vec<SubId> = audience
+            .iter()
+            .map(|(sub, _)| *sub)
+            .filter(|sub| self.subs.get(sub).is_some_and(|s| s.recursive))
+            .collect();
+        if !targets.is_empty() {
+            let mut missed = Unwatchable::default();
+            match self.add_child(ino, wd, name, &mut missed) {
+                Ok(Some(dir)) => self.walk_new(ino, dir, &targets, &mut missed),
+                Ok(None) => {}
+                Err(err) => self.fail_all(ino, &targets, err),
             }
-            if let Some(dir) = moved {
-                self.prune(ino, dir);
-            }
+            missed.report();
+        }
+        if let Some(dir) = moved {
+            self.prune(ino, dir);
         }
     }
 
