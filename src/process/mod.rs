@@ -341,7 +341,6 @@ struct Finished {
 
 /// One live process.
 struct Proc {
-    pid: u32,
     seq: u64,
     tag: Option<String>,
     command: CommandSpec,
@@ -356,7 +355,7 @@ struct Proc {
     ended: CancellationToken,
     /// The command's own cgroup: signals go to every process in it. None: to the process group.
     cgroup: Option<Cgroup>,
-    /// The leader's registration with the reaper (its pid is the process group's id).
+    /// The leader's registration with the reaper: its pid, which is also the process group's id.
     leader: reaper::Leader,
 }
 
@@ -374,6 +373,10 @@ impl ProcInput {
 }
 
 impl Proc {
+    fn pid(&self) -> u32 {
+        self.leader.pid
+    }
+
     /// Signals every process of the command: its cgroup, or else its process group. Counts the
     /// signal first, so the End follows the leader's death even if a descendant keeps the pipes
     /// open.
@@ -430,8 +433,8 @@ impl Inner {
         let now = Instant::now();
         let mut table = self.table();
         // The pid may already belong to a newer process (reaped pids are reusable).
-        if table.live.get(&proc.pid).is_some_and(|p| Arc::ptr_eq(p, proc)) {
-            table.live.remove(&proc.pid);
+        if table.live.get(&proc.pid()).is_some_and(|p| Arc::ptr_eq(p, proc)) {
+            table.live.remove(&proc.pid());
         }
         table.displaced.retain(|p| !Arc::ptr_eq(p, proc));
         table.prune(now);
@@ -439,7 +442,7 @@ impl Inner {
             table.finished.pop_front();
         }
         table.finished.push_back(Finished {
-            pid: proc.pid,
+            pid: proc.pid(),
             tag: proc.tag.clone(),
             status,
             expires: now + self.cfg.retention,
@@ -505,7 +508,6 @@ impl ProcessManager {
             }
         };
         let proc = Arc::new(Proc {
-            pid,
             seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
             tag: spec.tag,
             command: spec.command,
@@ -553,7 +555,7 @@ impl ProcessManager {
         let mut table = self.inner.table();
         if let Some(proc) = table.find_live(sel) {
             let events = if proc.replay { proc.log.subscribe_from_oldest() } else { proc.log.subscribe_at_tail() };
-            return Ok(Attached { pid: proc.pid, events });
+            return Ok(Attached { pid: proc.pid(), events });
         }
         if let Some(finished) = table.find_finished(sel, Instant::now()) {
             return Ok(Attached { pid: finished.pid, events: Subscription::ended(finished.status.clone()) });
@@ -569,14 +571,14 @@ impl ProcessManager {
         procs.sort_by_key(|p| p.seq);
         procs
             .into_iter()
-            .map(|p| ProcessSummary { pid: p.pid, tag: p.tag.clone(), command: p.command.clone() })
+            .map(|p| ProcessSummary { pid: p.pid(), tag: p.tag.clone(), command: p.command.clone() })
             .collect()
     }
 
     /// Writes all of `data` to the process's stdin pipe, waiting while the pipe is full.
     pub async fn write_stdin(&self, sel: &Selector, data: Bytes) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
-        let pid = proc.pid;
+        let pid = proc.pid();
         match &proc.input {
             ProcInput::Pty(_) => Err(ProcessError::IsPty { pid }),
             ProcInput::Pipe(input) => input.write(&data).await.map_err(|e| match e {
@@ -589,7 +591,7 @@ impl ProcessManager {
     /// Writes all of `data` to the PTY master (the terminal's keyboard side).
     pub async fn write_pty(&self, sel: &Selector, data: Bytes) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
-        let pid = proc.pid;
+        let pid = proc.pid();
         match &proc.input {
             ProcInput::Pipe(_) => Err(ProcessError::NotPty { pid }),
             ProcInput::Pty(input) => input.write(&data).await.map_err(|e| match e {
@@ -604,7 +606,7 @@ impl ProcessManager {
     pub fn close_stdin(&self, sel: &Selector) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
         match &proc.input {
-            ProcInput::Pty(_) => Err(ProcessError::IsPty { pid: proc.pid }),
+            ProcInput::Pty(_) => Err(ProcessError::IsPty { pid: proc.pid() }),
             ProcInput::Pipe(input) => {
                 input.close();
                 Ok(())
@@ -616,14 +618,14 @@ impl ProcessManager {
     /// soon as the leader is reaped, even if a descendant that escaped still holds the pipes.
     pub fn signal(&self, sel: &Selector, sig: Signal) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
-        tracing::debug!(pid = proc.pid, ?sig, "signalling every process of the command");
-        proc.kill(sig).map_err(|source| ProcessError::Signal { pid: proc.pid, source })
+        tracing::debug!(pid = proc.pid(), ?sig, "signalling every process of the command");
+        proc.kill(sig).map_err(|source| ProcessError::Signal { pid: proc.pid(), source })
     }
 
     /// Sets the PTY window size (the foreground group gets SIGWINCH).
     pub fn resize(&self, sel: &Selector, size: PtySize) -> Result<(), ProcessError> {
         let proc = self.inner.find(sel)?;
-        let pid = proc.pid;
+        let pid = proc.pid();
         let ProcInput::Pty(input) = &proc.input else {
             return Err(ProcessError::NotPty { pid });
         };
@@ -640,7 +642,7 @@ impl ProcessManager {
         tracing::info!(count = procs.len(), "stopping processes");
         for proc in &procs {
             if let Err(error) = proc.kill(Signal::Term) {
-                tracing::debug!(pid = proc.pid, %error, "SIGTERM failed");
+                tracing::debug!(pid = proc.pid(), %error, "SIGTERM failed");
             }
         }
         let all_ended = || async {
@@ -650,9 +652,9 @@ impl ProcessManager {
         };
         if tokio::time::timeout(grace, all_ended()).await.is_err() {
             for proc in procs.iter().filter(|p| !p.ended.is_cancelled()) {
-                tracing::warn!(pid = proc.pid, "still running after the grace period: SIGKILL");
+                tracing::warn!(pid = proc.pid(), "still running after the grace period: SIGKILL");
                 if let Err(error) = proc.kill(Signal::Kill) {
-                    tracing::debug!(pid = proc.pid, %error, "SIGKILL failed");
+                    tracing::debug!(pid = proc.pid(), %error, "SIGKILL failed");
                 }
             }
             let _ = tokio::time::timeout(KILL_WAIT, all_ended()).await;
@@ -672,9 +674,9 @@ async fn enforce_timeout(proc: Arc<Proc>, limit: Duration) {
     tokio::select! {
         () = proc.ended.cancelled() => {}
         () = tokio::time::sleep(limit) => {
-            tracing::info!(pid = proc.pid, ?limit, "process timed out: killing its group");
+            tracing::info!(pid = proc.pid(), ?limit, "process timed out: killing its group");
             if let Err(error) = proc.kill(Signal::Kill) {
-                tracing::debug!(pid = proc.pid, %error, "timeout SIGKILL failed");
+                tracing::debug!(pid = proc.pid(), %error, "timeout SIGKILL failed");
             }
         }
     }
@@ -693,7 +695,7 @@ async fn supervise(
 ) {
     // A pump that panicked (a bug) must not take the End event down with it: the subscribers
     // and shutdown wait for End. It is logged and counts as finished.
-    let pid = proc.pid;
+    let pid = proc.pid();
     let mut pumps = pin!(AssertUnwindSafe(pumps).catch_unwind().map(move |done| {
         if done.is_err() {
             tracing::error!(pid, "an output pump panicked; the output may be incomplete");
@@ -729,7 +731,7 @@ async fn supervise(
         }
     }
     let status = ExitStatus::from_outcome(outcome);
-    tracing::debug!(pid = proc.pid, status = %status.status, "process ended");
+    tracing::debug!(pid = proc.pid(), status = %status.status, "process ended");
     proc.input.close();
     inner.retire(&proc, status.clone());
     proc.log.finish(status);
