@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the static x86_64-unknown-linux-musl guestd (release profile: fat LTO, one codegen
-# unit, stripped), checks that it is statically linked and prints its size.
+# unit, stripped; linked at a fixed address, see .cargo/config.toml), checks that it is
+# statically linked and prints its size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-musl
@@ -11,7 +12,10 @@ cargo build --locked --release --target "$target" --target-dir target --bin gues
 bin="target/$target/release/guestd"
 kind=$(file -b "$bin")
 case "$kind" in
-  *"statically linked"* | *"static-pie linked"*) ;;
+  *"statically linked"*) ;;
+  *"static-pie linked"*)
+    echo "error: $bin is static-pie, not linked at a fixed address (RUSTFLAGS in the environment replaces .cargo/config.toml's relocation-model=static): $kind" >&2
+    exit 1 ;;
   *) echo "error: $bin is not statically linked: $kind" >&2; exit 1 ;;
 esac
 case "$kind" in
