@@ -4,7 +4,7 @@
 #
 #   1. format + lints            cargo fmt --check, cargo clippy -D warnings
 #   2. unit + in-process tests   cargo test (real server on 127.0.0.1:0, gRPC and Connect)
-#   3. SDK tier                  the pinned E2B Python SDK drives a freshly started guestd
+#   3. SDK tiers                 the pinned E2B Python and JS SDKs drive freshly started guestds
 #   4. static build              x86_64-unknown-linux-musl, stripped, checked static
 #   5. micro-VM tier             guestd as PID 1 in a QEMU (TCG) guest, driven over hybrid vsock
 #   6. container tier            guestd baked into images, driven from the host with the SDK
@@ -39,6 +39,9 @@ cargo test --locked
 
 step "SDK tier (e2b Python SDK against a fresh guestd)"
 scripts/test-sdk.sh
+
+step "JS SDK tier (npm e2b against fresh guestds)"
+scripts/test-sdk-js.sh
 
 step "static musl build"
 scripts/build-static.sh
