@@ -8,19 +8,9 @@ import { after, before, describe, test } from 'node:test'
 
 import { CommandExitError, TimeoutError } from 'e2b'
 
-import { LEAK_VAR, MARK, marked, runningAsRoot, sandbox, startGuestd, testUser, waitUntil } from './guestd.mjs'
+import { LEAK_VAR, MARK, marked, runningAsRoot, sbx, testUser, useFreshGuestd, waitUntil } from './guestd.mjs'
 
-let guestd
-let sbx
-
-before(async () => {
-  guestd = await startGuestd()
-  sbx = await sandbox(guestd)
-})
-
-after(async () => {
-  await guestd?.stop()
-})
+useFreshGuestd()
 
 /** A `sleep` whose command line carries `label` and the run's marker, to find it in /proc. */
 function sleeper(label, seconds = 600) {

@@ -10,21 +10,18 @@ import { after, before, describe, test } from 'node:test'
 
 import { FileNotFoundError, FileType, FilesystemEventType, InvalidArgumentError, NotFoundError } from 'e2b'
 
-import { runningAsRoot, sandbox, startGuestd, testUser, waitUntil } from './guestd.mjs'
+import { runningAsRoot, sbx, testUser, useFreshGuestd, waitUntil } from './guestd.mjs'
 
-let guestd
-let sbx
+useFreshGuestd()
+
 let dir
 
-before(async () => {
-  guestd = await startGuestd()
-  sbx = await sandbox(guestd)
+before(() => {
   dir = mkdtempSync('/tmp/guestd-js-files-')
 })
 
-after(async () => {
+after(() => {
   rmSync(dir, { recursive: true, force: true })
-  await guestd?.stop()
 })
 
 const sha256 = (data) => createHash('sha256').update(data).digest('hex')

@@ -5,6 +5,8 @@
 //   → 204. Its `stop()` sends SIGTERM and fails the file if guestd does not exit 0 within the
 //   grace, or if any process it started (seen in /proc before the stop) or any process carrying
 //   the run's marker is still alive afterwards; those are then SIGKILLed so the machine stays clean.
+// * `useFreshGuestd()` does both for a test file (`before`/`after` hooks), exporting `guestd` and
+//   `sbx`.
 // * `sandbox(guestd)` is `Sandbox.create({ sandboxUrl })` with `E2B_DEBUG=true` (set by
 //   scripts/test-sdk-js.sh): in debug mode the SDK makes no API call and sends every envd request
 //   to that URL.
@@ -16,6 +18,7 @@ import { randomBytes } from 'node:crypto'
 import { closeSync, openSync, readFileSync, readdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { after, before } from 'node:test'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 import { Sandbox } from 'e2b'
@@ -154,6 +157,21 @@ function killQuietly(pid) {
   } catch {
     // already gone
   }
+}
+
+/** The guestd and sandbox of the file that called `useFreshGuestd` (live bindings: set by its hook). */
+export let guestd
+export let sbx
+
+/** Starts a guestd and its `Sandbox` before this file's tests; stops and checks it after them. */
+export function useFreshGuestd() {
+  before(async () => {
+    guestd = await startGuestd()
+    sbx = await sandbox(guestd)
+  })
+  after(async () => {
+    await guestd?.stop()
+  })
 }
 
 export function sandbox(guestd) {

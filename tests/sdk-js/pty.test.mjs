@@ -2,23 +2,13 @@
 // input, resize, reattach and kill.
 
 import assert from 'node:assert/strict'
-import { after, before, test } from 'node:test'
+import { test } from 'node:test'
 
 import { CommandExitError } from 'e2b'
 
-import { sandbox, startGuestd, waitUntil } from './guestd.mjs'
+import { sbx, useFreshGuestd, waitUntil } from './guestd.mjs'
 
-let guestd
-let sbx
-
-before(async () => {
-  guestd = await startGuestd()
-  sbx = await sandbox(guestd)
-})
-
-after(async () => {
-  await guestd?.stop()
-})
+useFreshGuestd()
 
 const encoder = new TextEncoder()
 const decoder = new TextDecoder()
