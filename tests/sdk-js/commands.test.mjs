@@ -83,6 +83,11 @@ describe('timeouts and signals', () => {
     assert.ok(gone, `still running: ${JSON.stringify(marked(`timeout-${MARK}`))}`)
   })
 
+  test('timeoutMs: 0 means no time limit (the SDK then sends no Connect-Timeout-Ms)', async () => {
+    const r = await sbx.commands.run('sleep 0.5; echo finished', { timeoutMs: 0 })
+    assert.equal(r.stdout, 'finished\n')
+  })
+
   test('kill ends a background command and every process it started', async () => {
     const tree = `(${sleeper('kill')}) & (setsid bash -c '${sleeper('kill')}') & ${sleeper('kill')}`
     const h = await sbx.commands.run(tree, { background: true })
