@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test'
 
 import { CommandExitError, TimeoutError } from 'e2b'
 
-import { LEAK_VAR, MARK, marked, runningAsRoot, sbx, testUser, useFreshGuestd, waitUntil } from './guestd.mjs'
+import { LEAK_VAR, MARK, marked, needsRoot, sbx, useFreshGuestd, useTestUser, waitUntil } from './guestd.mjs'
 
 useFreshGuestd()
 
@@ -167,12 +167,8 @@ describe('background, list, stdin, connect', () => {
   })
 })
 
-describe('users', { skip: !runningAsRoot && 'creating a user needs root' }, () => {
-  let user
-  before(() => {
-    user = testUser()
-  })
-  after(() => user?.remove())
+describe('users', needsRoot, () => {
+  const user = useTestUser()
 
   test('root by default', async () => {
     const r = await sbx.commands.run('id -u; echo $HOME')

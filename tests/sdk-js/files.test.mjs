@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test'
 
 import { FileNotFoundError, FileType, FilesystemEventType, InvalidArgumentError, NotFoundError } from 'e2b'
 
-import { runningAsRoot, sbx, testUser, useFreshGuestd, waitUntil } from './guestd.mjs'
+import { needsRoot, sbx, useFreshGuestd, useTestUser, waitUntil } from './guestd.mjs'
 
 useFreshGuestd()
 
@@ -156,12 +156,8 @@ describe('directories and entries', () => {
     assert.equal(info.symlinkTarget, '/etc/hostname')
   })
 
-  describe('as a non-root user', { skip: !runningAsRoot && 'creating a user needs root' }, () => {
-    let user
-    before(() => {
-      user = testUser()
-    })
-    after(() => user?.remove())
+  describe('as a non-root user', needsRoot, () => {
+    const user = useTestUser()
 
     test('relative paths are in its home, and what it writes is its own', async () => {
       await sbx.files.write('notes/today.txt', 'mine', { user: user.name })

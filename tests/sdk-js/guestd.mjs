@@ -10,7 +10,8 @@
 // * `sandbox(guestd)` is `Sandbox.create({ sandboxUrl })` with `E2B_DEBUG=true` (set by
 //   scripts/test-sdk-js.sh): in debug mode the SDK makes no API call and sends every envd request
 //   to that URL.
-// * `testUser()` creates a throw-away user with a supplementary group (needs root).
+// * `useTestUser()` creates a throw-away user with a supplementary group for a `describe`
+//   (needs root: `needsRoot` skips it otherwise).
 
 import assert from 'node:assert/strict'
 import { execFileSync, spawn } from 'node:child_process'
@@ -179,10 +180,21 @@ export function sandbox(guestd) {
   return Sandbox.create({ sandboxUrl: guestd.url })
 }
 
-export const runningAsRoot = process.getuid() === 0
+/** `describe` options for tests that create a user: skipped, saying why, unless run as root. */
+export const needsRoot = { skip: process.getuid() !== 0 && 'creating a user needs root' }
+
+/** A throw-away user for the enclosing `describe`: created before its tests, removed after. */
+export function useTestUser() {
+  const user = {}
+  before(() => {
+    Object.assign(user, testUser())
+  })
+  after(() => user.remove?.())
+  return user
+}
 
 /** Creates a user with a home and a supplementary group; `remove()` deletes both. */
-export function testUser() {
+function testUser() {
   const suffix = randomBytes(3).toString('hex')
   const name = `gjs${suffix}`
   const group = `gjsg${suffix}`
